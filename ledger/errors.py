@@ -1,0 +1,113 @@
+"""The ledger's exceptions and the reason codes of rejected input.
+
+Every message names the field and the value that was wrong.
+
+::
+
+    LedgerError
+    ├── InvalidRecord            bad input; carries a RejectReason, the field and the value
+    ├── StoreError               the event store refused or could not do something
+    │   ├── ConcurrencyError     a stream was not at the expected version (raised at once)
+    │   ├── IdempotencyConflict  an event id already holds different content
+    │   ├── NotMigrated          the database has no (current) ledger schema: run `ledger db init`
+    │   └── DatabaseUnavailable  the server cannot be reached
+    └── EmbeddedPostgresError    the private cluster cannot be created or started
+        └── ServerBinariesMissing  no initdb/pg_ctl on this machine
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = [
+    "ConcurrencyError",
+    "DatabaseUnavailable",
+    "EmbeddedPostgresError",
+    "IdempotencyConflict",
+    "InvalidRecord",
+    "LedgerError",
+    "NotMigrated",
+    "RejectReason",
+    "ServerBinariesMissing",
+    "StoreError",
+]
+
+
+class RejectReason(StrEnum):
+    """Why a record was dead-lettered instead of appended."""
+
+    INVALID_ENCODING = "INVALID_ENCODING"
+    INVALID_JSON = "INVALID_JSON"
+    UNKNOWN_TYPE = "UNKNOWN_TYPE"
+    INVALID_RECORD = "INVALID_RECORD"
+    OFF_TICK_PRICE = "OFF_TICK_PRICE"
+    UNKNOWN_INSTRUMENT = "UNKNOWN_INSTRUMENT"
+    UNKNOWN_EXECUTION = "UNKNOWN_EXECUTION"
+    IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
+    RECORD_TOO_LARGE = "RECORD_TOO_LARGE"
+
+
+class LedgerError(Exception):
+    """Base of every error the ledger raises on purpose."""
+
+
+class InvalidRecord(LedgerError):
+    """An input record that cannot become an event."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+class StoreError(LedgerError):
+    """The event store refused an operation or could not perform it."""
+
+
+class ConcurrencyError(StoreError):
+    """A stream was not at the version the caller expected."""
+
+    def __init__(self, stream: str, expected: int, actual: int | None) -> None:
+        if actual is None:
+            message = (
+                f"stream {stream!r}: expected version {expected}, but another writer is "
+                "appending to it right now"
+            )
+        else:
+            message = f"stream {stream!r}: expected version {expected}, but it is at version {actual}"
+        super().__init__(message)
+        self.stream = stream
+        self.expected = expected
+        self.actual = actual
+
+
+class IdempotencyConflict(StoreError):
+    """An event id is already in the log with different content."""
+
+    def __init__(self, event_id: str, stream: str, detail: str = "") -> None:
+        extra = f": {detail}" if detail else ""
+        super().__init__(
+            f"event_id {event_id} (stream {stream!r}) is already in the log with different "
+            f"content{extra}"
+        )
+        self.event_id = event_id
+        self.stream = stream
+
+
+class NotMigrated(StoreError):
+    """The database has no ledger schema, or an older one."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{detail}; run `ledger db init` to create or upgrade the schema")
+
+
+class DatabaseUnavailable(StoreError):
+    """The PostgreSQL server cannot be reached."""
+
+
+class EmbeddedPostgresError(LedgerError):
+    """The embedded PostgreSQL cluster cannot be created, started or stopped."""
+
+
+class ServerBinariesMissing(EmbeddedPostgresError):
+    """No PostgreSQL server binaries (initdb, pg_ctl) were found."""

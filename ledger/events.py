@@ -1,0 +1,436 @@
+"""Events: immutable, past-tense facts, one frozen pydantic model per type.
+
+The ``type`` tag of each model is the ``type`` key of the native JSON Lines format, so a
+native record validates straight into its event. ``Event`` is the discriminated union.
+
+Each event knows its stream (``{account}/{contract}`` for trading events,
+``instrument/{contract}`` for instrument data, ``reconciliation/{run_id}`` for
+reconciliation runs) and derives a deterministic id from its source's own key (the
+broker's execution id for fills), so re-sending an event can never append it twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal, TypeAlias
+
+import orjson
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+
+from ledger.errors import InvalidRecord, RejectReason
+from ledger.values import (
+    AccountId,
+    ContractId,
+    ExecId,
+    MoneyAmount,
+    NonNegativeDecimal,
+    OrderId,
+    PositiveDecimal,
+    Price,
+    Quantity,
+    Side,
+    SignedQuantity,
+)
+
+__all__ = [
+    "EVENT_TYPES",
+    "BreakRecord",
+    "BrokerPositionReported",
+    "Event",
+    "FillBusted",
+    "FillCorrected",
+    "FillRecorded",
+    "InstrumentDefined",
+    "LogSealed",
+    "MarkPriceSet",
+    "ReconciliationCompleted",
+    "Timestamp",
+    "canonical_json",
+    "canonical_value",
+    "content_digest",
+    "decode_json",
+    "describe_validation_error",
+    "event_from_stored",
+    "parse_event",
+]
+
+_ID_NAMESPACE = uuid.UUID("5b0c2f8e-6c1a-4d1e-9a57-3f6e2d8b9c01")
+RESERVED_ACCOUNTS = frozenset({"instrument", "reconciliation", "seal"})
+
+
+def _aware_utc(value: object) -> datetime:
+    if isinstance(value, str):
+        if len(value) > 40:
+            raise ValueError(f"timestamp too long: {value[:40]!r}...")
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"not an ISO-8601 timestamp: {value!r}") from None
+    elif isinstance(value, datetime):
+        parsed = value
+    else:
+        raise ValueError(f"expected an ISO-8601 timestamp string, got {type(value).__name__}")
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise ValueError(f"timestamp {value!s} has no time zone (naive timestamps are refused)")
+    return parsed.astimezone(UTC)
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_aware_utc)]
+"""A time-zone-aware timestamp, normalized to UTC."""
+
+
+def _side(value: object) -> Side:
+    if isinstance(value, Side):
+        return value
+    if isinstance(value, str) and value.upper() in ("BUY", "SELL"):
+        return Side(value.upper())
+    raise ValueError(f"side must be BUY or SELL, got {value!r}")
+
+
+def _not_reserved(value: str) -> str:
+    if value.lower() in RESERVED_ACCOUNTS:
+        raise ValueError(f"account {value!r} is a reserved stream prefix")
+    return value
+
+
+TradingAccount = Annotated[AccountId, AfterValidator(_not_reserved)]
+SideField = Annotated[Side, BeforeValidator(_side)]
+
+
+class _EventBase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+    schema_version: Literal[1] = Field(default=1, exclude=True)
+
+    @property
+    def stream(self) -> str:
+        """Return the stream this event belongs to."""
+        raise NotImplementedError
+
+    def natural_key(self) -> str:
+        """Return the source's own key for this event (the basis of its id)."""
+        raise NotImplementedError
+
+    @property
+    def event_id(self) -> str:
+        """Return the deterministic event id (a UUIDv5 of type and natural key)."""
+        kind: str = getattr(self, "type")  # noqa: B009 - every subclass defines it
+        return str(uuid.uuid5(_ID_NAMESPACE, f"{kind}|{self.natural_key()}"))
+
+    @property
+    def occurred(self) -> datetime:
+        """Return the broker's time of the event."""
+        return getattr(self, "occurred_at")  # type: ignore[no-any-return]  # noqa: B009
+
+    def payload(self) -> dict[str, Any]:
+        """Return the JSON payload: decimals as strings, timestamps as ISO-8601 UTC."""
+        return self.model_dump(mode="json")
+
+
+class InstrumentDefined(_EventBase):
+    """A contract's tick grid and value: point value = tick value / tick size."""
+
+    type: Literal["instrument"] = "instrument"
+    contract: ContractId
+    tick_size: PositiveDecimal
+    tick_value: PositiveDecimal
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
+    occurred_at: Timestamp | None = None
+
+    @property
+    def stream(self) -> str:
+        return f"instrument/{self.contract}"
+
+    def natural_key(self) -> str:
+        return self.contract
+
+    @property
+    def point_value(self) -> Decimal:
+        """Return the money value of one whole point of price."""
+        return self.tick_value / self.tick_size
+
+
+class FillRecorded(_EventBase):
+    """An execution: the account bought or sold ``qty`` at ``price``."""
+
+    type: Literal["fill"] = "fill"
+    account: TradingAccount
+    contract: ContractId
+    exec_id: ExecId
+    order_id: OrderId | None = None
+    side: SideField
+    qty: Quantity
+    price: Price
+    fee: NonNegativeDecimal = Decimal(0)
+    occurred_at: Timestamp
+    broker_pnl: MoneyAmount | None = None
+    """The broker's own P&L figure for the fill: evidence for reconciliation only."""
+
+    @property
+    def stream(self) -> str:
+        return f"{self.account}/{self.contract}"
+
+    def natural_key(self) -> str:
+        return f"{self.account}|{self.exec_id}"
+
+
+class FillBusted(_EventBase):
+    """The broker voided execution ``exec_id``."""
+
+    type: Literal["bust"] = "bust"
+    account: TradingAccount
+    contract: ContractId
+    exec_id: ExecId
+    occurred_at: Timestamp
+
+    @property
+    def stream(self) -> str:
+        return f"{self.account}/{self.contract}"
+
+    def natural_key(self) -> str:
+        return f"{self.account}|{self.exec_id}"
+
+
+class FillCorrected(_EventBase):
+    """Execution ``exec_id`` now has this quantity, price and fee."""
+
+    type: Literal["correction"] = "correction"
+    account: TradingAccount
+    contract: ContractId
+    exec_id: ExecId
+    qty: Quantity
+    price: Price
+    fee: NonNegativeDecimal = Decimal(0)
+    occurred_at: Timestamp
+
+    @property
+    def stream(self) -> str:
+        return f"{self.account}/{self.contract}"
+
+    def natural_key(self) -> str:
+        return f"{self.account}|{self.exec_id}|{self.occurred_at.isoformat()}"
+
+
+class BrokerPositionReported(_EventBase):
+    """The broker says the account holds ``signed_qty`` at ``avg_price`` at ``occurred_at``."""
+
+    type: Literal["broker_position"] = "broker_position"
+    account: TradingAccount
+    contract: ContractId
+    signed_qty: SignedQuantity
+    avg_price: Price | None = None
+    occurred_at: Timestamp
+
+    @property
+    def stream(self) -> str:
+        return f"{self.account}/{self.contract}"
+
+    def natural_key(self) -> str:
+        return f"{self.account}|{self.contract}|{self.occurred_at.isoformat()}"
+
+
+class MarkPriceSet(_EventBase):
+    """A mark or settlement price for a contract at ``occurred_at``."""
+
+    type: Literal["mark"] = "mark"
+    contract: ContractId
+    price: Price
+    occurred_at: Timestamp
+
+    @property
+    def stream(self) -> str:
+        return f"instrument/{self.contract}"
+
+    def natural_key(self) -> str:
+        return f"{self.contract}|{self.occurred_at.isoformat()}"
+
+
+class BreakRecord(BaseModel):
+    """One reconciliation break, as kept in a ``ReconciliationCompleted`` event."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    break_id: str
+    type: str
+    account: AccountId
+    contract: ContractId
+    ledger_value: str | None = None
+    broker_value: str | None = None
+    difference: str | None = None
+    tolerance: str | None = None
+    exec_ids: tuple[str, ...] = ()
+    detail: str = ""
+
+
+class ReconciliationCompleted(_EventBase):
+    """A reconciliation run at ``cutoff`` and the breaks it found."""
+
+    type: Literal["reconciliation"] = "reconciliation"
+    run_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    cutoff: Timestamp
+    source: str = "broker_position"
+    matched: int
+    breaks: tuple[BreakRecord, ...] = ()
+    occurred_at: Timestamp
+
+    @property
+    def stream(self) -> str:
+        return f"reconciliation/{self.run_id}"
+
+    def natural_key(self) -> str:
+        return self.run_id
+
+
+class LogSealed(_EventBase):
+    """A seal over the log's read order up to ``through_position`` (tamper evidence)."""
+
+    type: Literal["seal"] = "seal"
+    through_position: int
+    event_count: int
+    digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    occurred_at: Timestamp
+
+    @property
+    def stream(self) -> str:
+        return "seal/log"
+
+    def natural_key(self) -> str:
+        return f"{self.through_position}|{self.digest}"
+
+
+Event: TypeAlias = Annotated[
+    InstrumentDefined
+    | FillRecorded
+    | FillBusted
+    | FillCorrected
+    | BrokerPositionReported
+    | MarkPriceSet
+    | ReconciliationCompleted
+    | LogSealed,
+    Field(discriminator="type"),
+]
+
+EVENT_TYPES: dict[str, type[_EventBase]] = {
+    "instrument": InstrumentDefined,
+    "fill": FillRecorded,
+    "bust": FillBusted,
+    "correction": FillCorrected,
+    "broker_position": BrokerPositionReported,
+    "mark": MarkPriceSet,
+    "reconciliation": ReconciliationCompleted,
+    "seal": LogSealed,
+}
+# Types a broker or an operator may send; the others are written by the ledger itself.
+INPUT_TYPES = frozenset({"instrument", "fill", "bust", "correction", "broker_position", "mark"})
+
+_EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number the ledger accepts")
+
+
+def decode_json(text: str | bytes) -> Any:
+    """Decode JSON with every non-integer number as an exact ``Decimal``.
+
+    Raises:
+        ValueError: the text is not JSON, or holds NaN/Infinity.
+    """
+    return json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Render a pydantic error as ``field: problem (got value)`` lines, one per problem."""
+    parts = []
+    for item in error.errors(include_url=False):
+        field = ".".join(str(p) for p in item["loc"] if p not in _EVENT_TYPES_TAGS) or "record"
+        value = item.get("input")
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] in ("missing",):
+            parts.append(f"{field}: required key is missing")
+        elif item["type"] == "extra_forbidden":
+            parts.append(f"{field}: unexpected key (value {shown})")
+        else:
+            parts.append(f"{field}: {message} (got {shown})")
+    return "; ".join(parts)
+
+
+_EVENT_TYPES_TAGS = set(EVENT_TYPES)
+
+
+def parse_event(record: object, *, allow_internal: bool = False) -> Event:
+    """Validate one decoded record (native keys) into its event.
+
+    Args:
+        record: the decoded JSON object.
+        allow_internal: also accept the types the ledger writes itself
+            (reconciliation, seal); input from outside never may.
+
+    Raises:
+        InvalidRecord: with ``UNKNOWN_TYPE`` or ``INVALID_RECORD`` and a message naming
+            each bad field and its value.
+    """
+    if not isinstance(record, Mapping):
+        raise InvalidRecord(
+            RejectReason.INVALID_RECORD, f"expected a JSON object, got {type(record).__name__}"
+        )
+    kind = record.get("type")
+    allowed = EVENT_TYPES.keys() if allow_internal else INPUT_TYPES
+    if not isinstance(kind, str) or kind not in allowed:
+        raise InvalidRecord(
+            RejectReason.UNKNOWN_TYPE,
+            f"type: unknown event type {kind!r} (expected one of {', '.join(sorted(allowed))})",
+        )
+    try:
+        return _EVENT_ADAPTER.validate_python(record)
+    except ValidationError as exc:
+        raise InvalidRecord(RejectReason.INVALID_RECORD, describe_validation_error(exc)) from None
+
+
+def event_from_stored(payload: Mapping[str, Any]) -> Event:
+    """Rebuild an event from a payload read back from the log (already validated once)."""
+    return _EVENT_ADAPTER.validate_python(payload)
+
+
+def canonical_value(value: Any) -> Any:
+    """Return ``value`` with decimals normalized and timestamps in UTC ISO form."""
+    if isinstance(value, Decimal):
+        # 5000.25 and 5000.250 are the same price: compare numbers, not spellings.
+        normalized = value.normalize()
+        return format(normalized, "f") if normalized != 0 else "0"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, dict):
+        return {k: canonical_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [canonical_value(v) for v in value]
+    if isinstance(value, Side):
+        return value.value
+    return value
+
+
+def canonical_json(event: _EventBase) -> bytes:
+    """Return the canonical bytes of an event's content (sorted keys, normalized numbers)."""
+    content = canonical_value(event.model_dump(mode="python"))
+    return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+
+
+def content_digest(event: _EventBase) -> bytes:
+    """Return the SHA-256 of the event's stream and canonical content."""
+    return hashlib.sha256(event.stream.encode() + b"\n" + canonical_json(event)).digest()

@@ -1,0 +1,405 @@
+"""The event store: append, read a stream, read the whole log gap-free, wait for appends.
+
+All of the write side's SQL lives here, built once. The hot paths (append and the
+gap-free read) run on the asyncpg connection under SQLAlchemy's pool, because a batch
+of 1,000 events must cost a handful of round trips, not 1,000.
+
+Appending a batch, in one transaction:
+
+1. lock the head row of every stream in the batch (``FOR UPDATE``, in stream order so
+   that two batches never deadlock; ``NOWAIT`` when the caller gave an expected version,
+   so a conflict raises at once instead of waiting on a lock);
+2. check expected versions, then look the batch's event ids up: an id already stored
+   with the same content is a duplicate (reported with its original position), with
+   other content an ``IdempotencyConflict`` that aborts the whole batch;
+3. insert the new events with their stream versions and hash chain, and move the heads.
+
+Gap-free reading: every row carries its writing transaction's id (``xid8``); a reader
+takes only rows whose transaction is older than the oldest one still running and orders
+by (transaction id, position), so an event that commits late is read late, never skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+import asyncpg
+import orjson
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ledger.errors import ConcurrencyError, IdempotencyConflict
+from ledger.events import Event, canonical_value
+from ledger.schema import NOTIFY_CHANNEL
+from ledger.values import Side
+
+__all__ = [
+    "GENESIS_HASH",
+    "AppendResult",
+    "Checkpoint",
+    "EventStore",
+    "StoredEvent",
+    "chain_hash",
+    "encode_event",
+]
+
+GENESIS_HASH = b"\x00" * 32
+
+
+class Checkpoint(NamedTuple):
+    """A reader's place in the log: (transaction id, global position) of the last read."""
+
+    tx_id: int = 0
+    position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One row of the log."""
+
+    global_position: int
+    stream: str
+    stream_version: int
+    event_id: str
+    type: str
+    schema_version: int
+    payload: dict[str, Any]
+    occurred_at: datetime
+    recorded_at: datetime
+    tx_id: int
+    causation_id: str | None
+    correlation_id: str | None
+    content_digest: bytes
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What an append did: one position per input event, in input order."""
+
+    positions: tuple[int, ...]
+    appended: int
+    duplicates: int
+    duplicate_flags: tuple[bool, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    event_id: str
+    stream: str
+    type: str
+    schema_version: int
+    payload_json: str
+    occurred_at: datetime | None
+    digest: bytes
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, Side):
+        return value.value
+    raise TypeError(f"cannot encode {type(value).__name__} in an event payload")
+
+
+def encode_event(event: Event) -> tuple[str, bytes]:
+    """Return an event's payload JSON (decimals as strings) and its content digest."""
+    data = event.model_dump(mode="python")
+    payload = orjson.dumps(data, default=_json_default).decode()
+    canonical = orjson.dumps(canonical_value(data), option=orjson.OPT_SORT_KEYS)
+    digest = hashlib.sha256(event.stream.encode() + b"\n" + canonical).digest()
+    return payload, digest
+
+
+def chain_hash(previous: bytes, stream_version: int, event_id: str, digest: bytes) -> bytes:
+    """Return an event's link in its stream's hash chain."""
+    return hashlib.sha256(
+        previous + struct.pack(">q", stream_version) + uuid.UUID(event_id).bytes + digest
+    ).digest()
+
+
+_LOCK_HEADS = """
+SELECT stream, version, last_hash FROM streams
+WHERE stream = ANY($1::text[]) ORDER BY stream FOR UPDATE
+"""
+_LOCK_HEADS_NOWAIT = _LOCK_HEADS + " NOWAIT"
+_CREATE_HEADS = """
+INSERT INTO streams (stream, version, last_hash)
+SELECT s, 0, $2::bytea FROM unnest($1::text[]) AS s
+ON CONFLICT (stream) DO NOTHING
+"""
+_FIND_IDS = """
+SELECT event_id::text, content_digest, global_position, stream FROM events
+WHERE event_id = ANY($1::uuid[])
+"""
+_INSERT = """
+INSERT INTO events (stream, stream_version, event_id, type, schema_version, payload,
+                    occurred_at, causation_id, correlation_id, content_digest, hash)
+SELECT s, v, e, t, sv, p::jsonb, coalesce(o, now()), $8::uuid, $9::uuid, d, h
+FROM unnest($1::text[], $2::int[], $3::uuid[], $4::text[], $5::int2[], $6::text[],
+            $7::timestamptz[], $10::bytea[], $11::bytea[]) AS x(s, v, e, t, sv, p, o, d, h)
+RETURNING event_id::text, global_position
+"""
+_MOVE_HEADS = """
+UPDATE streams SET version = x.v, last_hash = x.h
+FROM unnest($1::text[], $2::int[], $3::bytea[]) AS x(s, v, h)
+WHERE streams.stream = x.s
+"""
+_COLUMNS = """global_position, stream, stream_version, event_id::text, type, schema_version,
+payload::text, occurred_at, recorded_at, tx_id::text::bigint, causation_id::text,
+correlation_id::text, content_digest, hash"""
+_READ_STREAM = f"""
+SELECT {_COLUMNS} FROM events WHERE stream = $1 AND stream_version > $2
+ORDER BY stream_version LIMIT $3
+"""
+# Only transactions older than the oldest still running are complete: rows from a
+# transaction that commits later get a position below ours but are read after it.
+_READ_ALL = f"""
+SELECT {_COLUMNS} FROM events
+WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
+  AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY tx_id, global_position LIMIT $3
+"""
+_READ_ALL_LIGHT = """
+SELECT global_position, tx_id::text::bigint, stream, type, payload::text, recorded_at
+FROM events
+WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
+  AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY tx_id, global_position LIMIT $3
+"""
+
+
+def _row_to_event(row: asyncpg.Record) -> StoredEvent:
+    return StoredEvent(
+        global_position=row[0],
+        stream=row[1],
+        stream_version=row[2],
+        event_id=row[3],
+        type=row[4],
+        schema_version=row[5],
+        payload=orjson.loads(row[6]),
+        occurred_at=row[7],
+        recorded_at=row[8],
+        tx_id=row[9],
+        causation_id=row[10],
+        correlation_id=row[11],
+        content_digest=bytes(row[12]),
+        hash=bytes(row[13]),
+    )
+
+
+class LightRow(NamedTuple):
+    """A log row as the projection runner needs it: payload still JSON text."""
+
+    global_position: int
+    tx_id: int
+    stream: str
+    type: str
+    payload: str
+    recorded_at: datetime
+
+
+async def driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
+    """Return the asyncpg connection under a SQLAlchemy async connection."""
+    raw = await conn.get_raw_connection()
+    return raw.driver_connection
+
+
+class EventStore:
+    """Append to and read from the PostgreSQL event log."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @asynccontextmanager
+    async def _driver(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self.engine.connect() as conn:
+            yield await driver_connection(conn)
+
+    async def append(
+        self,
+        events: Sequence[Event],
+        *,
+        expected_versions: Mapping[str, int] | None = None,
+        causation_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> AppendResult:
+        """Append a batch of events to one or many streams, all or nothing.
+
+        Args:
+            events: the events, in the order they should take in their streams.
+            expected_versions: per stream, the version the caller last saw (0 for a new
+                stream); a stream at another version raises before anything is written.
+            causation_id: the id of the event or command that caused this batch.
+            correlation_id: the id that ties this batch to a wider operation.
+
+        Returns:
+            One global position per input event; a duplicate reports the original's.
+
+        Raises:
+            ConcurrencyError: a stream was not at its expected version, or another
+                writer holds it while an expected version was given.
+            IdempotencyConflict: an event id is already stored with other content.
+        """
+        if not events:
+            return AppendResult((), 0, 0, ())
+        encoded = [_encode(e) for e in events]
+        async with self._driver() as conn, conn.transaction():
+            return await self._append(conn, encoded, expected_versions, causation_id, correlation_id)
+
+    async def append_on(
+        self, conn: asyncpg.Connection, events: Sequence[Event]
+    ) -> AppendResult:
+        """Append inside a transaction the caller already holds on ``conn``."""
+        if not events:
+            return AppendResult((), 0, 0, ())
+        return await self._append(conn, [_encode(e) for e in events], None, None, None)
+
+    async def _append(
+        self,
+        conn: asyncpg.Connection,
+        encoded: list[_Encoded],
+        expected_versions: Mapping[str, int] | None,
+        causation_id: str | None,
+        correlation_id: str | None,
+    ) -> AppendResult:
+        # One id, one outcome: within a batch the second copy is a duplicate of the first.
+        first: dict[str, int] = {}
+        for i, e in enumerate(encoded):
+            j = first.setdefault(e.event_id, i)
+            if j != i and encoded[j].digest != e.digest:
+                raise IdempotencyConflict(e.event_id, e.stream, "twice in one batch")
+        names = sorted({e.stream for e in encoded})
+        await conn.execute(_CREATE_HEADS, names, GENESIS_HASH)
+        if expected_versions:
+            try:
+                heads = await conn.fetch(_LOCK_HEADS_NOWAIT, names)
+            except asyncpg.LockNotAvailableError:
+                busy = next(iter(expected_versions))
+                raise ConcurrencyError(busy, expected_versions[busy], None) from None
+        else:
+            heads = await conn.fetch(_LOCK_HEADS, names)
+        version = {r[0]: r[1] for r in heads}
+        last_hash = {r[0]: bytes(r[2]) for r in heads}
+        for stream, expected in (expected_versions or {}).items():
+            actual = version.get(stream, 0)
+            if actual != expected:
+                raise ConcurrencyError(stream, expected, actual)
+
+        found = await conn.fetch(_FIND_IDS, list(first))
+        existing = {r[0]: (bytes(r[1]), r[2], r[3]) for r in found}
+        positions: list[int | None] = [None] * len(encoded)
+        flags = [False] * len(encoded)
+        new: list[tuple[int, _Encoded, int, bytes]] = []
+        for i, e in enumerate(encoded):
+            if e.event_id in existing:
+                digest, position, stream = existing[e.event_id]
+                if digest != e.digest:
+                    raise IdempotencyConflict(e.event_id, stream)
+                positions[i] = position
+                flags[i] = True
+            elif first[e.event_id] != i:
+                flags[i] = True
+            else:
+                v = version[e.stream] + 1
+                h = chain_hash(last_hash[e.stream], v, e.event_id, e.digest)
+                version[e.stream] = v
+                last_hash[e.stream] = h
+                new.append((i, e, v, h))
+        if new:
+            rows = await conn.fetch(
+                _INSERT,
+                [e.stream for _, e, _, _ in new],
+                [v for _, _, v, _ in new],
+                [e.event_id for _, e, _, _ in new],
+                [e.type for _, e, _, _ in new],
+                [e.schema_version for _, e, _, _ in new],
+                [e.payload_json for _, e, _, _ in new],
+                [e.occurred_at for _, e, _, _ in new],
+                causation_id,
+                correlation_id,
+                [e.digest for _, e, _, _ in new],
+                [h for _, _, _, h in new],
+            )
+            by_id = {r[0]: r[1] for r in rows}
+            for i, e, _, _ in new:
+                positions[i] = by_id[e.event_id]
+            touched = sorted({e.stream for _, e, _, _ in new})
+            await conn.execute(
+                _MOVE_HEADS, touched, [version[s] for s in touched], [last_hash[s] for s in touched]
+            )
+        for i, e in enumerate(encoded):
+            if positions[i] is None:  # an in-batch duplicate of a new event
+                positions[i] = positions[first[e.event_id]]
+        resolved = tuple(p for p in positions if p is not None)
+        return AppendResult(resolved, len(new), len(encoded) - len(new), tuple(flags))
+
+    async def read_stream(
+        self, stream: str, *, after_version: int = 0, limit: int = 1_000_000
+    ) -> list[StoredEvent]:
+        """Return a stream's events in version order."""
+        async with self._driver() as conn:
+            rows = await conn.fetch(_READ_STREAM, stream, after_version, limit)
+        return [_row_to_event(r) for r in rows]
+
+    async def read_all(
+        self, after: Checkpoint = Checkpoint(), *, limit: int = 1000
+    ) -> tuple[list[StoredEvent], Checkpoint]:
+        """Return up to ``limit`` committed events after ``after``, gap-free, and the new checkpoint.
+
+        An event whose transaction is still running is not returned yet, and neither is
+        anything after it in read order; once it commits it is returned, so a reader that
+        resumes from the checkpoint sees every event exactly once.
+        """
+        async with self._driver() as conn:
+            rows = await conn.fetch(_READ_ALL, str(after.tx_id), after.position, limit)
+        batch = [_row_to_event(r) for r in rows]
+        if batch:
+            after = Checkpoint(batch[-1].tx_id, batch[-1].global_position)
+        return batch, after
+
+    @staticmethod
+    async def read_light(
+        conn: asyncpg.Connection, after: Checkpoint, limit: int
+    ) -> list[LightRow]:
+        """Return the next rows in gap-free read order, payload undecoded (for the runner)."""
+        rows = await conn.fetch(_READ_ALL_LIGHT, str(after.tx_id), after.position, limit)
+        return [LightRow(*r) for r in rows]
+
+    @asynccontextmanager
+    async def notifications(self) -> AsyncIterator[asyncio.Event]:
+        """Yield an event that is set whenever an append commits (a wake-up, nothing more)."""
+        woken = asyncio.Event()
+
+        def _on_notify(*_: object) -> None:
+            woken.set()
+
+        async with self.engine.connect() as conn:
+            driver = await driver_connection(conn)
+            await driver.add_listener(NOTIFY_CHANNEL, _on_notify)
+            try:
+                yield woken
+            finally:
+                if not driver.is_closed():
+                    await driver.remove_listener(NOTIFY_CHANNEL, _on_notify)
+
+
+def _encode(event: Event) -> _Encoded:
+    payload, digest = encode_event(event)
+    return _Encoded(
+        event_id=event.event_id,
+        stream=event.stream,
+        type=event.type,
+        schema_version=event.schema_version,
+        payload_json=payload,
+        occurred_at=getattr(event, "occurred_at", None),
+        digest=digest,
+    )

@@ -1,0 +1,179 @@
+"""Value types: exact decimals for price, quantity and money, and typed identifiers.
+
+Every numeric field on the money path is a ``Decimal``. Validators run where a value
+is built (the edge), so everything inside the ledger can trust its inputs:
+
+- a JSON number arrives as ``Decimal`` (the parsers use ``parse_float=Decimal``) or as
+  a decimal string; a Python ``float`` is refused outright, so a binary approximation
+  can never sneak onto the money path;
+- NaN, Infinity and exponents outside a sane range are refused;
+- identifiers are short tokens of ``[A-Za-z0-9._-]`` — never free text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, PlainSerializer
+
+__all__ = [
+    "ID_PATTERN",
+    "AccountId",
+    "ContractId",
+    "ExecId",
+    "Money",
+    "MoneyAmount",
+    "NonNegativeDecimal",
+    "OrderId",
+    "PositiveDecimal",
+    "Price",
+    "Quantity",
+    "Side",
+    "SignedQuantity",
+    "is_on_tick",
+    "to_decimal",
+]
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Digits beyond this are not a price or a quantity any broker sends; refusing them
+# keeps a 10 MB number from turning into a 10 MB Decimal.
+_MAX_DIGITS = 38
+_MAX_EXPONENT = 30
+
+
+class Side(StrEnum):
+    """The side of a fill."""
+
+    BUY = "BUY"
+    SELL = "SELL"
+
+    @property
+    def sign(self) -> int:
+        """Return +1 for BUY and -1 for SELL."""
+        return 1 if self is Side.BUY else -1
+
+
+def to_decimal(value: object) -> Decimal:
+    """Convert a JSON value to an exact ``Decimal``.
+
+    Args:
+        value: a ``Decimal``, an ``int`` or a decimal string. Floats are refused.
+
+    Raises:
+        ValueError: the value is a float, a bool, not numeric, non-finite or absurdly
+            large; the message names the value.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a decimal number, got boolean {value!r}")
+    if isinstance(value, float):
+        raise ValueError(
+            f"expected an exact decimal (string or JSON number), got binary float {value!r}"
+        )
+    if isinstance(value, Decimal):
+        result = value
+    elif isinstance(value, int):
+        result = Decimal(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text or len(text) > 64:
+            raise ValueError(f"expected a decimal number, got {_short(value)}")
+        try:
+            result = Decimal(text)
+        except InvalidOperation:
+            raise ValueError(f"expected a decimal number, got {_short(value)}") from None
+    else:
+        raise ValueError(f"expected a decimal number, got {type(value).__name__} {_short(value)}")
+    if not result.is_finite():
+        raise ValueError(f"expected a finite decimal number, got {_short(value)}")
+    digits = len(result.as_tuple().digits)
+    exponent = result.adjusted()
+    if digits > _MAX_DIGITS or abs(exponent) > _MAX_EXPONENT:
+        raise ValueError(f"decimal number out of range: {_short(value)}")
+    return result
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _positive(value: Decimal) -> Decimal:
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _non_negative(value: Decimal) -> Decimal:
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value}")
+    return value
+
+
+def _token(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # brokers send numeric account and trade ids
+    if not isinstance(value, str):
+        raise ValueError(f"expected an identifier string, got {type(value).__name__}")
+    if not ID_PATTERN.match(value):
+        raise ValueError(
+            f"identifier {_short(value)} must be 1-64 characters of letters, digits, '.', '_', '-'"
+        )
+    return value
+
+
+_decimal_str = PlainSerializer(lambda d: str(d), return_type=str, when_used="json")
+_exact = BeforeValidator(to_decimal)
+
+Price = Annotated[Decimal, _exact, AfterValidator(_non_negative), _decimal_str]
+"""A price: exact, finite, not negative. Tick alignment is checked against the instrument."""
+Quantity = Annotated[Decimal, _exact, AfterValidator(_positive), _decimal_str]
+"""A fill quantity: exact and strictly positive; the side carries the sign."""
+SignedQuantity = Annotated[Decimal, _exact, _decimal_str]
+"""A position size: negative is short."""
+MoneyAmount = Annotated[Decimal, _exact, _decimal_str]
+"""An amount of money in the instrument's currency (P&L may be negative)."""
+NonNegativeDecimal = Annotated[Decimal, _exact, AfterValidator(_non_negative), _decimal_str]
+PositiveDecimal = Annotated[Decimal, _exact, AfterValidator(_positive), _decimal_str]
+
+AccountId = Annotated[str, BeforeValidator(_token)]
+ContractId = Annotated[str, BeforeValidator(_token)]
+ExecId = Annotated[str, BeforeValidator(_token)]
+OrderId = Annotated[str, BeforeValidator(_token)]
+
+
+def is_on_tick(price: Decimal, tick_size: Decimal) -> bool:
+    """Return whether ``price`` is an exact multiple of ``tick_size`` (never rounds)."""
+    return price % tick_size == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Money:
+    """An exact amount in one currency; arithmetic across currencies raises."""
+
+    amount: Decimal
+    currency: str
+
+    def _check(self, other: Any) -> Money:
+        if not isinstance(other, Money):
+            return NotImplemented  # type: ignore[no-any-return]
+        if other.currency != self.currency:
+            raise ValueError(
+                f"cannot combine money in {self.currency} with money in {other.currency}"
+            )
+        return other
+
+    def __add__(self, other: Money) -> Money:
+        return Money(self.amount + self._check(other).amount, self.currency)
+
+    def __sub__(self, other: Money) -> Money:
+        return Money(self.amount - self._check(other).amount, self.currency)
+
+    def __neg__(self) -> Money:
+        return Money(-self.amount, self.currency)
+
+    def __str__(self) -> str:
+        return f"{self.amount} {self.currency}"
