@@ -18,7 +18,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ledger.errors import DatabaseUnavailable, NotMigrated
 
-__all__ = ["alembic_config", "async_url", "check_migrated", "head_revision", "make_engine", "migrate"]
+__all__ = [
+    "alembic_config",
+    "async_url",
+    "check_migrated",
+    "head_revision",
+    "make_engine",
+    "migrate",
+]
 
 _ROOT = Path(__file__).resolve().parent.parent
 _MIGRATIONS = _ROOT / "migrations"
@@ -26,7 +33,12 @@ _MIGRATIONS = _ROOT / "migrations"
 
 def async_url(url: str) -> str:
     """Return ``url`` with the asyncpg driver named (``postgresql+asyncpg://``)."""
-    for prefix in ("postgresql+asyncpg://", "postgresql+psycopg://", "postgresql://", "postgres://"):
+    for prefix in (
+        "postgresql+asyncpg://",
+        "postgresql+psycopg://",
+        "postgresql://",
+        "postgres://",
+    ):
         if url.startswith(prefix):
             return "postgresql+asyncpg://" + url[len(prefix) :]
     raise ValueError(f"LEDGER_DATABASE_URL must be a postgresql:// URL, got {url!r}")

@@ -74,7 +74,9 @@ class ConcurrencyError(StoreError):
                 "appending to it right now"
             )
         else:
-            message = f"stream {stream!r}: expected version {expected}, but it is at version {actual}"
+            message = (
+                f"stream {stream!r}: expected version {expected}, but it is at version {actual}"
+            )
         super().__init__(message)
         self.stream = stream
         self.expected = expected

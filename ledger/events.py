@@ -64,6 +64,8 @@ __all__ = [
     "decode_json",
     "describe_validation_error",
     "event_from_stored",
+    "event_id_for",
+    "fill_event_id",
     "parse_event",
 ]
 
@@ -110,6 +112,16 @@ TradingAccount = Annotated[AccountId, AfterValidator(_not_reserved)]
 SideField = Annotated[Side, BeforeValidator(_side)]
 
 
+def event_id_for(kind: str, natural_key: str) -> str:
+    """Return the deterministic id of the event of type ``kind`` with ``natural_key``."""
+    return str(uuid.uuid5(_ID_NAMESPACE, f"{kind}|{natural_key}"))
+
+
+def fill_event_id(account: str, exec_id: str) -> str:
+    """Return the id of the fill ``exec_id`` of ``account`` (what busts and corrections name)."""
+    return event_id_for("fill", f"{account}|{exec_id}")
+
+
 class _EventBase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 
@@ -128,7 +140,7 @@ class _EventBase(BaseModel):
     def event_id(self) -> str:
         """Return the deterministic event id (a UUIDv5 of type and natural key)."""
         kind: str = getattr(self, "type")  # noqa: B009 - every subclass defines it
-        return str(uuid.uuid5(_ID_NAMESPACE, f"{kind}|{self.natural_key()}"))
+        return event_id_for(kind, self.natural_key())
 
     @property
     def occurred(self) -> datetime:

@@ -253,11 +253,11 @@ class EventStore:
             return AppendResult((), 0, 0, ())
         encoded = [_encode(e) for e in events]
         async with self._driver() as conn, conn.transaction():
-            return await self._append(conn, encoded, expected_versions, causation_id, correlation_id)
+            return await self._append(
+                conn, encoded, expected_versions, causation_id, correlation_id
+            )
 
-    async def append_on(
-        self, conn: asyncpg.Connection, events: Sequence[Event]
-    ) -> AppendResult:
+    async def append_on(self, conn: asyncpg.Connection, events: Sequence[Event]) -> AppendResult:
         """Append inside a transaction the caller already holds on ``conn``."""
         if not events:
             return AppendResult((), 0, 0, ())
@@ -278,15 +278,16 @@ class EventStore:
             if j != i and encoded[j].digest != e.digest:
                 raise IdempotencyConflict(e.event_id, e.stream, "twice in one batch")
         names = sorted({e.stream for e in encoded})
-        await conn.execute(_CREATE_HEADS, names, GENESIS_HASH)
-        if expected_versions:
-            try:
-                heads = await conn.fetch(_LOCK_HEADS_NOWAIT, names)
-            except asyncpg.LockNotAvailableError:
-                busy = next(iter(expected_versions))
-                raise ConcurrencyError(busy, expected_versions[busy], None) from None
-        else:
-            heads = await conn.fetch(_LOCK_HEADS, names)
+        nowait = bool(expected_versions)
+        try:
+            heads = await self._lock_heads(conn, names, nowait=nowait)
+            missing = sorted(set(names) - {r[0] for r in heads})
+            if missing:
+                await conn.execute(_CREATE_HEADS, missing, GENESIS_HASH)
+                heads += await self._lock_heads(conn, missing, nowait=nowait)
+        except asyncpg.LockNotAvailableError:
+            busy = min(expected_versions or {"?": 0})
+            raise ConcurrencyError(busy, (expected_versions or {}).get(busy, 0), None) from None
         version = {r[0]: r[1] for r in heads}
         last_hash = {r[0]: bytes(r[2]) for r in heads}
         for stream, expected in (expected_versions or {}).items():
@@ -342,6 +343,13 @@ class EventStore:
         resolved = tuple(p for p in positions if p is not None)
         return AppendResult(resolved, len(new), len(encoded) - len(new), tuple(flags))
 
+    @staticmethod
+    async def _lock_heads(
+        conn: asyncpg.Connection, names: list[str], *, nowait: bool
+    ) -> list[asyncpg.Record]:
+        """Lock the heads of ``names`` (existing ones) in stream order."""
+        return list(await conn.fetch(_LOCK_HEADS_NOWAIT if nowait else _LOCK_HEADS, names))
+
     async def read_stream(
         self, stream: str, *, after_version: int = 0, limit: int = 1_000_000
     ) -> list[StoredEvent]:
@@ -367,9 +375,7 @@ class EventStore:
         return batch, after
 
     @staticmethod
-    async def read_light(
-        conn: asyncpg.Connection, after: Checkpoint, limit: int
-    ) -> list[LightRow]:
+    async def read_light(conn: asyncpg.Connection, after: Checkpoint, limit: int) -> list[LightRow]:
         """Return the next rows in gap-free read order, payload undecoded (for the runner)."""
         rows = await conn.fetch(_READ_ALL_LIGHT, str(after.tx_id), after.position, limit)
         return [LightRow(*r) for r in rows]

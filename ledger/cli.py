@@ -1,0 +1,433 @@
+"""The ``ledger`` command line (Typer + Rich).
+
+``--format`` always names the output format. With ``LEDGER_DATABASE_URL`` unset every
+command uses the embedded cluster under ``LEDGER_HOME``, creating, starting and
+migrating it on first use; with it set, any command but ``ledger db init`` refuses an
+unmigrated database with an error that names ``ledger db init``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger.db import check_migrated, current_revision, head_revision, make_engine, migrate
+from ledger.embedded import EmbeddedPostgres
+from ledger.errors import LedgerError
+from ledger.ingest import Ingester
+from ledger.settings import Settings
+from ledger.sources import iter_file
+from ledger.store import Checkpoint, EventStore, driver_connection
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="ledger",
+    help="Event-sourced position ledger: append fills, project positions and P&L, audit.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Create, migrate, inspect and stop the database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console(soft_wrap=True)
+if not out.is_terminal:  # files and pipes get whole rows, not an 80-column fold
+    out = Console(soft_wrap=True, width=240)
+err = Console(stderr=True)
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class TableOrJson(StrEnum):
+    table = "table"
+    json = "json"
+
+
+class InputKind(StrEnum):
+    auto = "auto"
+    native = "native"
+    projectx = "projectx"
+    csv = "csv"
+
+
+FormatOption = Annotated[
+    OutputFormat, typer.Option("--format", "-f", help="Output format: table, json or csv.")
+]
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; turn the ledger's own errors into a clear message and exit 2."""
+    try:
+        return asyncio.run(coro)
+    except LedgerError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def database_url(settings: Settings, *, init: bool = False) -> str:
+    """Return the URL to use: LEDGER_DATABASE_URL, or the embedded cluster (started)."""
+    if settings.database_url:
+        return settings.database_url
+    cluster = EmbeddedPostgres(settings.home)
+    created = cluster.init()
+    started = cluster.start()
+    if (created or started) and not init:
+        err.print(f"[dim]embedded PostgreSQL at {cluster.home} (port {cluster.port})[/]")
+    return cluster.url
+
+
+@asynccontextmanager
+async def open_engine(settings: Settings | None = None) -> AsyncIterator[AsyncEngine]:
+    """Yield an engine on a migrated database (the embedded one is migrated on first use).
+
+    Raises:
+        NotMigrated: LEDGER_DATABASE_URL names a database without the current schema.
+    """
+    settings = settings or Settings()
+    url = database_url(settings)
+    engine = make_engine(url)
+    try:
+        if not settings.database_url:
+            if await current_revision(engine) != head_revision():
+                await migrate(url)
+        await check_migrated(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def json_default(value: object) -> object:
+    """Encode decimals as strings and timestamps as ISO-8601."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def dumps(value: object) -> str:
+    """Return ``value`` as indented JSON with exact decimals."""
+    return orjson.dumps(value, default=json_default, option=orjson.OPT_INDENT_2).decode()
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict | list):
+        return orjson.dumps(value, default=json_default).decode()
+    return str(value)
+
+
+def emit_rows(
+    rows: Sequence[dict[str, Any]], fmt: OutputFormat | TableOrJson, *, title: str = ""
+) -> None:
+    """Print rows as a Rich table, a JSON list, or CSV with a header."""
+    if fmt == "json":
+        print(dumps(list(rows)))
+        return
+    columns = list(rows[0]) if rows else []
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_cell(row[c]) for c in columns])
+        sys.stdout.write(buffer.getvalue())
+        return
+    table = Table(title=title or None, show_lines=False)
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(row[c]) for c in columns))
+    if rows:
+        out.print(table)
+    else:
+        out.print(f"[dim]no {title.lower() or 'rows'}[/]")
+
+
+@contextmanager
+def progress_bar(description: str, total: float | None = None) -> Iterator[Callable[[int], None]]:
+    """Yield an ``advance(n)`` callback driving a progress bar on a terminal (else silent)."""
+    if not err.is_terminal:
+        yield lambda _n: None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+# --------------------------------------------------------------------------- db
+
+
+@db_app.command("init")
+def db_init() -> None:
+    """Create and start the embedded cluster (if used) and migrate the schema. Idempotent."""
+
+    async def _init() -> str:
+        settings = Settings()
+        url = database_url(settings, init=True)
+        await migrate(url)
+        return url
+
+    url = run(_init())
+    out.print(f"database ready at schema revision {head_revision()}: {_redact(url)}")
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """Show where the database is, whether it runs, and its schema revision."""
+    settings = Settings()
+    if settings.database_url:
+        url = settings.database_url
+        where = "LEDGER_DATABASE_URL"
+    else:
+        cluster = EmbeddedPostgres(settings.home)
+        if not cluster.initialized:
+            out.print(
+                f"embedded cluster: not initialized under {cluster.home} (run `ledger db init`)"
+            )
+            raise typer.Exit(1)
+        if not cluster.running():
+            out.print(f"embedded cluster at {cluster.home}: stopped")
+            raise typer.Exit(1)
+        url = cluster.url
+        where = f"embedded cluster at {cluster.home}"
+
+    async def _status() -> str | None:
+        engine = make_engine(url)
+        try:
+            return await current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    revision = run(_status())
+    state = "current" if revision == head_revision() else "needs `ledger db init`"
+    out.print(f"{where}: {_redact(url)}; schema revision {revision or 'none'} ({state})")
+    if revision != head_revision():
+        raise typer.Exit(1)
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the embedded cluster (no effect with LEDGER_DATABASE_URL)."""
+    settings = Settings()
+    if settings.database_url:
+        out.print("LEDGER_DATABASE_URL is set: there is no embedded cluster to stop")
+        return
+    cluster = EmbeddedPostgres(settings.home)
+    try:
+        stopped = cluster.stop()
+    except LedgerError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    out.print("embedded cluster stopped" if stopped else "embedded cluster was not running")
+
+
+def _redact(url: str) -> str:
+    if "@" in url and ":" in url.split("@", 1)[0].split("//", 1)[-1]:
+        scheme, rest = url.split("//", 1)
+        creds, host = rest.split("@", 1)
+        return f"{scheme}//{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+# ----------------------------------------------------------------------- ingest
+
+
+def _open_input(path: str) -> tuple[Any, str]:
+    if path == "-":
+        return sys.stdin.buffer, "-"
+    try:
+        return open(path, "rb"), path  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        err.print(f"[bold red]error:[/] cannot read FILE {path!r}: {exc.strerror}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def ingest(
+    files: Annotated[
+        list[str], typer.Argument(help="JSON Lines, ProjectX JSON or CSV files; - is stdin.")
+    ],
+    input_format: Annotated[
+        InputKind, typer.Option("--input", "-i", help="Input format; auto detects it per record.")
+    ] = InputKind.auto,
+    fmt: Annotated[
+        TableOrJson, typer.Option("--format", "-f", help="Output format.")
+    ] = TableOrJson.table,
+    batch_size: Annotated[int, typer.Option(help="Events per transaction.")] = 1000,
+) -> None:
+    """Validate and append records; dead-letter what cannot be appended, with its reason."""
+    handles = [_open_input(p) for p in files]
+
+    async def _ingest() -> dict[str, int]:
+        async with open_engine() as engine:
+            ingester = Ingester(EventStore(engine), batch_size=batch_size)
+            with progress_bar("ingesting") as advance:
+                totals: dict[str, int] = {}
+                for handle, name in handles:
+                    try:
+                        counts = await ingester.ingest(
+                            iter_file(handle, name, input_format.value), advance
+                        )
+                    finally:
+                        if handle is not sys.stdin.buffer:
+                            handle.close()
+                    for k, v in counts.as_dict().items():
+                        totals[k] = totals.get(k, 0) + v
+                    by_reason.update(counts.by_reason)
+                return totals
+
+    by_reason: dict[str, int] = {}
+    totals = run(_ingest())
+    if fmt == "json":
+        print(orjson.dumps(totals).decode())
+    else:
+        out.print(
+            f"received {totals['received']}, appended {totals['appended']}, "
+            f"duplicates {totals['duplicates']}, rejected {totals['rejected']}"
+        )
+        if by_reason:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(by_reason.items()))
+            err.print(f"[yellow]rejected by reason:[/] {reasons} (see `ledger rejected`)")
+
+
+# -------------------------------------------------------------------------- log
+
+_LOG_AFTER = "SELECT tx_id::text::bigint FROM events WHERE global_position = $1"
+
+
+@app.command("log")
+def log_command(
+    stream: Annotated[
+        str | None, typer.Option(help="Only this stream, e.g. ACC-1/CON.F.US.EP.Z26.")
+    ] = None,
+    after: Annotated[
+        int, typer.Option(help="Start after this global position (in read order).")
+    ] = 0,
+    limit: Annotated[int, typer.Option(help="At most this many events.")] = 100,
+    fmt: Annotated[
+        TableOrJson, typer.Option("--format", "-f", help="Output format.")
+    ] = TableOrJson.table,
+) -> None:
+    """Print events in read order."""
+
+    async def _log() -> list[dict[str, Any]]:
+        async with open_engine() as engine:
+            store = EventStore(engine)
+            if stream:
+                events = [e for e in await store.read_stream(stream) if e.global_position > after][
+                    :limit
+                ]
+            else:
+                checkpoint = Checkpoint()
+                if after:
+                    async with engine.connect() as conn:
+                        driver = await driver_connection(conn)
+                        tx = await driver.fetchval(_LOG_AFTER, after)
+                    checkpoint = Checkpoint(tx or 0, after)
+                events, _ = await store.read_all(checkpoint, limit=limit)
+        return [
+            {
+                "global_position": e.global_position,
+                "stream": e.stream,
+                "stream_version": e.stream_version,
+                "event_id": e.event_id,
+                "type": e.type,
+                "occurred_at": e.occurred_at,
+                "recorded_at": e.recorded_at,
+                "payload": e.payload,
+            }
+            for e in events
+        ]
+
+    emit_rows(run(_log()), fmt, title="Events")
+
+
+# --------------------------------------------------------------------- rejected
+
+_REJECTED = """
+SELECT id, received_at, source, line, idx, reason, message, status, attempts, retry_outcome,
+       raw FROM rejected ORDER BY id
+"""
+
+
+@app.command()
+def rejected(
+    retry: Annotated[
+        bool, typer.Option("--retry", help="Re-ingest pending records whose cause may be gone.")
+    ] = False,
+    fmt: Annotated[
+        TableOrJson, typer.Option("--format", "-f", help="Output format.")
+    ] = TableOrJson.table,
+) -> None:
+    """List dead-lettered records with their reasons (or retry them)."""
+
+    async def _rejected() -> list[dict[str, Any]]:
+        async with open_engine() as engine:
+            if retry:
+                outcomes = await Ingester(EventStore(engine)).retry_rejected()
+                return [{"id": o.id, "status": o.status, "outcome": o.detail} for o in outcomes]
+            async with engine.connect() as conn:
+                driver = await driver_connection(conn)
+                rows = await driver.fetch(_REJECTED)
+        return [
+            {
+                "id": r["id"],
+                "received_at": r["received_at"],
+                "source": r["source"],
+                "line": r["line"],
+                "index": r["idx"],
+                "reason": r["reason"],
+                "message": r["message"],
+                "status": r["status"],
+                "attempts": r["attempts"],
+                "retry_outcome": r["retry_outcome"],
+                "raw": bytes(r["raw"][:2000]).decode("utf-8", "backslashreplace"),
+            }
+            for r in rows
+        ]
+
+    rows = run(_rejected())
+    if fmt == "table":
+        rows = [{k: v for k, v in r.items() if k not in ("raw", "received_at")} for r in rows]
+    emit_rows(rows, fmt, title="Rejected records")
+
+
+def main() -> None:
+    """Run the ``ledger`` command line."""
+    app()

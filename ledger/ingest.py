@@ -1,0 +1,307 @@
+"""Ingestion: records in, events appended or dead-lettered, counts that always add up.
+
+A batch is written in one transaction: its valid events are appended and its rejected
+records are dead-lettered together, so a crash loses neither and a caller (the CLI, the
+live consumer) may acknowledge its input once :meth:`Ingester.write_batch` returns.
+
+Beyond what a single record can show, a fill is checked against the log: its contract
+must have an ``instrument`` event (``UNKNOWN_INSTRUMENT``) and its price must lie on
+that instrument's tick grid (``OFF_TICK_PRICE``, never rounded); a bust or correction
+must name an execution the log has (``UNKNOWN_EXECUTION``). Such records can be
+re-ingested once their cause is gone (``ledger rejected --retry``).
+
+received = appended + duplicates + rejected, for every batch and every run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ledger.errors import IdempotencyConflict, RejectReason
+from ledger.events import (
+    Event,
+    FillBusted,
+    FillCorrected,
+    FillRecorded,
+    InstrumentDefined,
+    MarkPriceSet,
+    fill_event_id,
+)
+from ledger.sources import Parsed, Rejected, SourceRef, parse_message
+from ledger.store import EventStore, driver_connection
+from ledger.values import is_on_tick
+
+__all__ = ["IngestCounts", "Ingester", "RetryOutcome"]
+
+Item = Parsed | Rejected
+
+_INSTRUMENTS = "SELECT payload::text FROM events WHERE type = 'instrument'"
+_KNOWN_IDS = "SELECT event_id::text FROM events WHERE event_id = ANY($1::uuid[])"
+_DEAD_LETTER = """
+INSERT INTO rejected (source, line, idx, raw, reason, message)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::bytea[], $5::text[], $6::text[])
+"""
+_BUMP = """
+INSERT INTO counters (name, value) SELECT * FROM unnest($1::text[], $2::bigint[])
+ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value, updated_at = now()
+"""
+_PENDING = """
+SELECT id, source, line, idx, raw, reason FROM rejected
+WHERE status = 'pending' ORDER BY id LIMIT $1
+"""
+_RETRIED = """
+UPDATE rejected SET status = $2, attempts = attempts + 1, last_retry_at = now(),
+       retry_outcome = $3
+WHERE id = $1
+"""
+
+
+@dataclass
+class IngestCounts:
+    """What happened to the records of a run."""
+
+    received: int = 0
+    appended: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    by_reason: Counter[str] = field(default_factory=Counter)
+
+    def add(self, other: IngestCounts) -> None:
+        """Add another batch's counts to these."""
+        self.received += other.received
+        self.appended += other.appended
+        self.duplicates += other.duplicates
+        self.rejected += other.rejected
+        self.by_reason.update(other.by_reason)
+
+    def as_dict(self) -> dict[str, int]:
+        """Return the four counts under their CLI/JSON names."""
+        return {
+            "received": self.received,
+            "appended": self.appended,
+            "duplicates": self.duplicates,
+            "rejected": self.rejected,
+        }
+
+    def counter_rows(self) -> tuple[list[str], list[int]]:
+        """Return (names, values) for the persistent counters table."""
+        names = ["received", "appended", "duplicates", "rejected"]
+        values = [self.received, self.appended, self.duplicates, self.rejected]
+        for reason, n in sorted(self.by_reason.items()):
+            names.append(f"rejected.{reason}")
+            values.append(n)
+        return names, values
+
+
+@dataclass(frozen=True, slots=True)
+class RetryOutcome:
+    """What ``ledger rejected --retry`` did with one dead-lettered record."""
+
+    id: int
+    status: str
+    detail: str
+
+
+class Ingester:
+    """Validate records against the log and write them, a batch per transaction."""
+
+    def __init__(self, store: EventStore, *, batch_size: int = 1000) -> None:
+        self.store = store
+        self.batch_size = batch_size
+        self._instruments: dict[str, InstrumentDefined] = {}
+        self._loaded = False
+
+    async def _refresh_instruments(self, conn: asyncpg.Connection) -> None:
+        for (payload,) in await conn.fetch(_INSTRUMENTS):
+            inst = InstrumentDefined.model_validate(orjson.loads(payload))
+            self._instruments[inst.contract] = inst
+        self._loaded = True
+
+    async def ingest(
+        self, items: Iterable[Item], progress: Callable[[int], None] | None = None
+    ) -> IngestCounts:
+        """Write every item, in batches; return the run's counts."""
+        total = IngestCounts()
+        batch: list[Item] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) >= self.batch_size:
+                total.add(await self.write_batch(batch))
+                if progress:
+                    progress(len(batch))
+                batch = []
+        if batch:
+            total.add(await self.write_batch(batch))
+            if progress:
+                progress(len(batch))
+        return total
+
+    async def write_batch(self, items: Sequence[Item]) -> IngestCounts:
+        """Append the valid events and dead-letter the rest, in one transaction."""
+        async with self.store.engine.connect() as sa_conn:
+            conn = await driver_connection(sa_conn)
+            while True:
+                try:
+                    async with conn.transaction():
+                        return await self._write(conn, items)
+                except IdempotencyConflict as conflict:
+                    items = [_as_conflict(i, conflict) for i in items]
+
+    async def _write(self, conn: asyncpg.Connection, items: Sequence[Item]) -> IngestCounts:
+        if not self._loaded:
+            await self._refresh_instruments(conn)
+        checked = await self._check(conn, items)
+        accepted = [i for i in checked if isinstance(i, Parsed)]
+        rejected = [i for i in checked if isinstance(i, Rejected)]
+        counts = IngestCounts(received=len(checked))
+        if accepted:
+            result = await self.store.append_on(conn, [p.event for p in accepted])
+            counts.appended = result.appended
+            counts.duplicates = result.duplicates
+        if rejected:
+            await conn.execute(
+                _DEAD_LETTER,
+                [r.ref.source for r in rejected],
+                [r.ref.line for r in rejected],
+                [r.ref.index for r in rejected],
+                [r.raw for r in rejected],
+                [str(r.reason) for r in rejected],
+                [r.message for r in rejected],
+            )
+            counts.rejected = len(rejected)
+            counts.by_reason.update(str(r.reason) for r in rejected)
+        names, values = counts.counter_rows()
+        await conn.execute(_BUMP, names, values)
+        assert counts.received == counts.appended + counts.duplicates + counts.rejected
+        return counts
+
+    async def _check(self, conn: asyncpg.Connection, items: Sequence[Item]) -> list[Item]:
+        """Return the items with log-dependent failures turned into rejections."""
+        wanted = {
+            fill_event_id(i.event.account, i.event.exec_id)
+            for i in items
+            if isinstance(i, Parsed) and isinstance(i.event, FillBusted | FillCorrected)
+        }
+        known = {r[0] for r in await conn.fetch(_KNOWN_IDS, list(wanted))} if wanted else set()
+        if any(
+            isinstance(i, Parsed)
+            and _contract_of(i.event) not in self._instruments
+            and not isinstance(i.event, InstrumentDefined)
+            and _contract_of(i.event) is not None
+            for i in items
+        ):
+            await self._refresh_instruments(conn)
+        out: list[Item] = []
+        for item in items:
+            if isinstance(item, Rejected):
+                out.append(item)
+                continue
+            event = item.event
+            problem = self._problem(event, known)
+            if problem is None:
+                out.append(item)
+                if isinstance(event, InstrumentDefined):
+                    self._instruments.setdefault(event.contract, event)
+                elif isinstance(event, FillRecorded):
+                    known.add(event.event_id)
+            else:
+                reason, message = problem
+                out.append(Rejected(item.ref, item.raw, reason, message))
+        return out
+
+    def _problem(self, event: Event, known: set[str]) -> tuple[RejectReason, str] | None:
+        contract = _contract_of(event)
+        if contract is None or isinstance(event, InstrumentDefined):
+            return None
+        instrument = self._instruments.get(contract)
+        if instrument is None:
+            return (
+                RejectReason.UNKNOWN_INSTRUMENT,
+                f"contract: no instrument event defines {contract!r} (define it, then "
+                "`ledger rejected --retry`)",
+            )
+        price = getattr(event, "price", None)
+        if price is not None and not isinstance(event, MarkPriceSet | InstrumentDefined):
+            if not is_on_tick(price, instrument.tick_size):
+                return (
+                    RejectReason.OFF_TICK_PRICE,
+                    f"price: {price} is not on the tick grid of {contract} "
+                    f"(tick size {instrument.tick_size})",
+                )
+        if isinstance(event, FillBusted | FillCorrected):
+            target = fill_event_id(event.account, event.exec_id)
+            if target not in known:
+                return (
+                    RejectReason.UNKNOWN_EXECUTION,
+                    f"exec_id: account {event.account} has no fill {event.exec_id!r} in the log",
+                )
+        return None
+
+    async def retry_rejected(self, *, limit: int = 100_000) -> list[RetryOutcome]:
+        """Re-ingest dead-lettered records whose cause may be gone; record each outcome."""
+        outcomes: list[RetryOutcome] = []
+        async with self.store.engine.connect() as sa_conn:
+            conn = await driver_connection(sa_conn)
+            rows = await conn.fetch(_PENDING, limit)
+        for row_id, source, line, idx, raw, _reason in rows:
+            ref = SourceRef(source=source, line=line, index=idx)
+            parsed = parse_message(bytes(raw), ref)
+            if idx is not None and len(parsed) > idx:
+                parsed = [parsed[idx]]
+            counts = IngestCounts()
+            failure = ""
+            async with self.store.engine.connect() as sa_conn:
+                conn = await driver_connection(sa_conn)
+                try:
+                    async with conn.transaction():
+                        checked = await self._check(conn, parsed)
+                        still = [c for c in checked if isinstance(c, Rejected)]
+                        if still:
+                            failure = f"{still[0].reason}: {still[0].message}"
+                        else:
+                            result = await self.store.append_on(
+                                conn, [c.event for c in checked if isinstance(c, Parsed)]
+                            )
+                            counts.appended, counts.duplicates = result.appended, result.duplicates
+                except IdempotencyConflict as exc:
+                    failure = f"{RejectReason.IDEMPOTENCY_CONFLICT}: {exc}"
+                async with conn.transaction():
+                    if failure:
+                        outcome = RetryOutcome(row_id, "pending", f"still rejected: {failure}")
+                    else:
+                        outcome = RetryOutcome(
+                            row_id,
+                            "resolved",
+                            f"appended {counts.appended}, duplicates {counts.duplicates}",
+                        )
+                        await conn.execute(
+                            _BUMP,
+                            ["retried.appended", "retried.duplicates"],
+                            [counts.appended, counts.duplicates],
+                        )
+                    await conn.execute(_RETRIED, row_id, outcome.status, outcome.detail)
+            outcomes.append(outcome)
+        return outcomes
+
+
+def _contract_of(event: Event) -> str | None:
+    contract: Any = getattr(event, "contract", None)
+    return contract if isinstance(contract, str) else None
+
+
+def _as_conflict(item: Item, conflict: IdempotencyConflict) -> Item:
+    if isinstance(item, Parsed) and item.event.event_id == conflict.event_id:
+        return Rejected(item.ref, item.raw, RejectReason.IDEMPOTENCY_CONFLICT, str(conflict))
+    return item
+
+
+def now_utc() -> datetime:
+    """Return the current time in UTC."""
+    return datetime.now(UTC)

@@ -1,0 +1,301 @@
+"""The event log's guarantees, each against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from decimal import Decimal
+
+import asyncpg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger.db import plain_url
+from ledger.errors import ConcurrencyError, IdempotencyConflict
+from ledger.events import Event, parse_event
+from ledger.store import Checkpoint, EventStore, driver_connection
+
+
+def fill(exec_id: str, price: str = "5000.25", account: str = "ACC-1", **extra: object) -> Event:
+    record: dict[str, object] = {
+        "type": "fill",
+        "account": account,
+        "contract": "CON.F.US.EP.Z26",
+        "exec_id": exec_id,
+        "side": "BUY",
+        "qty": "2",
+        "price": price,
+        "fee": "4.50",
+        "occurred_at": "2026-11-23T14:30:00.123456Z",
+    }
+    record.update(extra)
+    return parse_event(record)
+
+
+async def count(db_url: str) -> int:
+    conn = await asyncpg.connect(plain_url(db_url))
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM events"))
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------- immutability
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE events SET payload = '{}'::jsonb",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ],
+)
+async def test_log_rejects_mutation_as_owner(
+    store: EventStore, db_url: str, statement: str
+) -> None:
+    await store.append([fill("T-1")])
+    conn = await asyncpg.connect(plain_url(db_url))
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+    assert await count(db_url) == 1
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE events SET payload = '{}'::jsonb",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ],
+)
+async def test_log_rejects_mutation_as_app_role(
+    store: EventStore, db_url: str, statement: str
+) -> None:
+    await store.append([fill("T-1")])
+    conn = await asyncpg.connect(plain_url(db_url))
+    try:
+        await conn.execute("SET ROLE ledger_app")
+        # the application role can read and append ...
+        assert await conn.fetchval("SELECT count(*) FROM events") == 1
+        # ... and nothing else
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+    assert await count(db_url) == 1
+
+
+async def test_app_role_can_append(store: EventStore, db_url: str) -> None:
+    conn = await asyncpg.connect(plain_url(db_url))
+    try:
+        await conn.execute("SET ROLE ledger_app")
+        async with conn.transaction():
+            result = await store.append_on(conn, [fill("T-9")])
+    finally:
+        await conn.close()
+    assert result.appended == 1
+    assert await count(db_url) == 1
+
+
+# ----------------------------------------------------------------- idempotency
+
+
+async def test_same_fill_twice_is_one_event(store: EventStore, db_url: str) -> None:
+    first = await store.append([fill("T-1")])
+    second = await store.append([fill("T-1")])
+    assert first.appended == 1 and first.duplicates == 0
+    assert second.appended == 0 and second.duplicates == 1
+    assert second.positions == first.positions
+    assert await count(db_url) == 1
+
+
+async def test_same_number_spelled_differently_is_the_same_event(store: EventStore) -> None:
+    first = await store.append([fill("T-1", price="5000.25")])
+    second = await store.append([fill("T-1", price="5000.250000000")])
+    assert second.duplicates == 1 and second.positions == first.positions
+
+
+async def test_same_exec_id_different_price_conflicts(store: EventStore, db_url: str) -> None:
+    await store.append([fill("T-1", price="5000.25")])
+    with pytest.raises(IdempotencyConflict, match="different content") as info:
+        await store.append([fill("T-1", price="5000.50")])
+    assert info.value.event_id == fill("T-1").event_id
+    assert await count(db_url) == 1
+
+
+async def test_batch_with_one_bad_event_appends_nothing(store: EventStore, db_url: str) -> None:
+    await store.append([fill("T-1", price="5000.25")])
+    batch = [fill("T-2"), fill("T-3"), fill("T-1", price="4999.00"), fill("T-4")]
+    with pytest.raises(IdempotencyConflict):
+        await store.append(batch)
+    assert await count(db_url) == 1
+    stream = await store.read_stream("ACC-1/CON.F.US.EP.Z26")
+    assert [e.stream_version for e in stream] == [1]
+
+
+async def test_in_batch_duplicate_reports_one_position(store: EventStore) -> None:
+    result = await store.append([fill("T-1"), fill("T-1")])
+    assert result.appended == 1 and result.duplicates == 1
+    assert result.positions[0] == result.positions[1]
+
+
+# ------------------------------------------------------------------ concurrency
+
+
+async def test_expected_version_mismatch_raises(store: EventStore) -> None:
+    stream = "ACC-1/CON.F.US.EP.Z26"
+    await store.append([fill("T-1")], expected_versions={stream: 0})
+    with pytest.raises(ConcurrencyError, match="expected version 0, but it is at version 1"):
+        await store.append([fill("T-2")], expected_versions={stream: 0})
+    await store.append([fill("T-2")], expected_versions={stream: 1})
+    assert [e.stream_version for e in await store.read_stream(stream)] == [1, 2]
+
+
+async def test_expected_version_conflict_does_not_wait_on_a_lock(
+    store: EventStore, engine: AsyncEngine
+) -> None:
+    stream = "ACC-1/CON.F.US.EP.Z26"
+    await store.append([fill("T-1")])
+    async with engine.connect() as held:
+        conn = await driver_connection(held)
+        tx = conn.transaction()
+        await tx.start()
+        await store.append_on(conn, [fill("T-2")])  # holds the stream's head
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ConcurrencyError, match="another writer"):
+            await asyncio.wait_for(
+                store.append([fill("T-3")], expected_versions={stream: 2}), timeout=5
+            )
+        assert asyncio.get_running_loop().time() - started < 1.0
+        await tx.rollback()
+
+
+# ------------------------------------------------------------ gap-free reading
+
+
+async def test_late_commit_is_read_not_skipped(
+    store: EventStore, engine: AsyncEngine, db_url: str
+) -> None:
+    """A naive reader skips an event that commits after a later-positioned one; ours does not."""
+    async with engine.connect() as sa_a:
+        a = await driver_connection(sa_a)
+        tx_a = a.transaction()
+        await tx_a.start()
+        early = await store.append_on(a, [fill("A-1", account="ACC-A")])  # lower position
+        late = await store.append([fill("B-1", account="ACC-B")])  # higher position, commits first
+        assert early.positions[0] < late.positions[0]
+
+        naive = await asyncpg.connect(plain_url(db_url))
+        try:
+            naive_seen = [
+                r[0]
+                for r in await naive.fetch(
+                    "SELECT global_position FROM events WHERE global_position > 0 "
+                    "ORDER BY global_position"
+                )
+            ]
+        finally:
+            await naive.close()
+        assert naive_seen == [late.positions[0]]  # the naive checkpoint is now past A-1
+
+        ours, checkpoint = await store.read_all(Checkpoint())
+        assert ours == []  # B-1 waits behind the still-running older transaction
+        await tx_a.commit()
+
+    ours, checkpoint = await store.read_all(checkpoint)
+    assert [e.global_position for e in ours] == [early.positions[0], late.positions[0]]
+    # the naive reader, resuming after its checkpoint, never sees A-1
+    assert early.positions[0] < naive_seen[-1]
+
+
+@pytest.mark.parametrize("run", range(3))
+async def test_concurrent_writers_and_a_tailing_reader(
+    store: EventStore, engine: AsyncEngine, run: int
+) -> None:
+    """8 writers, 3,200 events, commit order shuffled against insert order; a reader
+    tailing with checkpoints sees every committed event exactly once."""
+    writers, batches, per_batch = 8, 20, 20
+    rng = random.Random(run)
+    appended: list[int] = []
+    done = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        for b in range(batches):
+            events = [
+                fill(f"W{w}-B{b}-{i}", account=f"ACC-{w % 3}") for i in range(per_batch)
+            ]
+            async with engine.connect() as sa_conn:
+                conn = await driver_connection(sa_conn)
+                async with conn.transaction():
+                    result = await store.append_on(conn, events)
+                    # hold the transaction open: positions were handed out at insert,
+                    # the commit lands after other writers' later inserts
+                    await asyncio.sleep(rng.random() * 0.02)
+            appended.extend(result.positions)
+
+    seen: list[int] = []
+
+    async def reader() -> None:
+        checkpoint = Checkpoint()
+        while True:
+            finished = done.is_set()
+            batch, checkpoint = await store.read_all(checkpoint, limit=rng.choice([7, 50, 200]))
+            seen.extend(e.global_position for e in batch)
+            if finished and not batch:
+                return
+            if not batch:
+                await asyncio.sleep(0.002)
+
+    reading = asyncio.create_task(reader())
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    done.set()
+    await reading
+    assert len(appended) == writers * batches * per_batch
+    assert len(seen) == len(set(seen)), "an event was read twice"
+    assert sorted(seen) == sorted(appended), "an event was skipped"
+
+
+async def test_notification_wakes_a_waiting_reader(store: EventStore) -> None:
+    async with store.notifications() as woken:
+        await store.append([fill("T-1")])
+        await asyncio.wait_for(woken.wait(), timeout=5)
+
+
+# ------------------------------------------------------------------- exactness
+
+
+async def test_nine_decimal_prices_and_sub_cent_tick_values_stay_exact(
+    store: EventStore,
+) -> None:
+    instrument = parse_event(
+        {
+            "type": "instrument",
+            "contract": "CON.F.US.ZN.Z26",
+            "tick_size": "0.015625",
+            "tick_value": "15.625",
+            "currency": "USD",
+        }
+    )
+    await store.append([instrument, fill("T-1", price="6065.250000000")])
+    rows, _ = await store.read_all(Checkpoint())
+    assert rows[0].payload["tick_value"] == "15.625"
+    assert rows[0].payload["tick_size"] == "0.015625"
+    assert rows[1].payload["price"] == "6065.250000000"
+    assert Decimal(rows[1].payload["price"]) == Decimal("6065.25")
+
+
+async def test_hash_chain_links_each_event_to_the_previous(store: EventStore) -> None:
+    from ledger.store import GENESIS_HASH, chain_hash
+
+    await store.append([fill("T-1"), fill("T-2")])
+    await store.append([fill("T-3")])
+    events = await store.read_stream("ACC-1/CON.F.US.EP.Z26")
+    previous = GENESIS_HASH
+    for e in events:
+        assert e.hash == chain_hash(previous, e.stream_version, e.event_id, e.content_digest)
+        previous = e.hash
+    assert len({e.hash for e in events}) == 3
