@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import signal
 import io
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from datetime import datetime
+from datetime import UTC, date, datetime
+from datetime import time as dt_time
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import asyncpg
 import orjson
 import typer
 from rich.console import Console
@@ -34,6 +37,9 @@ from ledger.ingest import Ingester
 from ledger.settings import Settings
 from ledger.sources import iter_file
 from ledger.store import Checkpoint, EventStore, driver_connection
+from projections import queries
+from projections.queries import Clock
+from projections.runner import ProjectionRunner, parse_session
 
 __all__ = ["app", "main"]
 
@@ -426,6 +432,222 @@ def rejected(
     if fmt == "table":
         rows = [{k: v for k, v in r.items() if k not in ("raw", "received_at")} for r in rows]
     emit_rows(rows, fmt, title="Rejected records")
+
+
+# ------------------------------------------------------------------ projections
+
+
+class MethodChoice(StrEnum):
+    fifo = "fifo"
+    wac = "wac"
+
+
+class PnlBy(StrEnum):
+    fill = "fill"
+    day = "day"
+    account = "account"
+
+
+def parse_time(value: str | None, option: str) -> datetime | None:
+    """Parse a CLI time: ISO-8601 (UTC when no zone is given) or a date (its end, UTC)."""
+    if value is None:
+        return None
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            return datetime.combine(day, dt_time.max, tzinfo=UTC)
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        err.print(f"[bold red]error:[/] {option}: not an ISO-8601 time or date: {value!r}")
+        raise typer.Exit(2) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def parse_day(value: str | None, option: str) -> date | None:
+    """Parse a CLI trading day (YYYY-MM-DD)."""
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        err.print(f"[bold red]error:[/] {option}: not a date (YYYY-MM-DD): {value!r}")
+        raise typer.Exit(2) from None
+
+
+def clock_of(as_of: str | None, as_known_at: str | None) -> tuple[Clock, datetime | None]:
+    """Return which clock a query runs on, refusing both at once."""
+    if as_of and as_known_at:
+        err.print("[bold red]error:[/] give --as-of or --as-known-at, not both")
+        raise typer.Exit(2)
+    if as_of:
+        return "as_of", parse_time(as_of, "--as-of")
+    if as_known_at:
+        return "as_known_at", parse_time(as_known_at, "--as-known-at")
+    return "now", None
+
+
+AsOf = Annotated[
+    str | None, typer.Option("--as-of", help="Event time: everything now known to have happened by T.")
+]
+AsKnownAt = Annotated[
+    str | None, typer.Option("--as-known-at", help="Knowledge time: only what was recorded by T.")
+]
+
+
+@asynccontextmanager
+async def projected() -> AsyncIterator[tuple[asyncpg.Connection, Settings]]:
+    """Yield a connection on projections caught up with every committed event."""
+    settings = Settings()
+    async with open_engine(settings) as engine:
+        await ProjectionRunner(engine, settings).catch_up()
+        async with engine.connect() as conn:
+            yield await driver_connection(conn), settings
+
+
+@app.command()
+def positions(
+    account: Annotated[str | None, typer.Option(help="Only this account.")] = None,
+    contract: Annotated[str | None, typer.Option(help="Only this contract.")] = None,
+    method: Annotated[MethodChoice, typer.Option(help="fifo or wac.")] = MethodChoice.fifo,
+    as_of: AsOf = None,
+    as_known_at: AsKnownAt = None,
+    include_flat: Annotated[bool, typer.Option("--include-flat", help="Also flat positions.")] = False,
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
+    """Show positions, realized and unrealized P&L (caught up first)."""
+    clock, at = clock_of(as_of, as_known_at)
+
+    async def _positions() -> list[dict[str, Any]]:
+        async with projected() as (conn, _settings):
+            return await queries.position_rows(
+                conn,
+                account=account,
+                contract=contract,
+                method=method.value,
+                clock=clock,
+                at=at,
+                include_flat=include_flat,
+            )
+
+    emit_rows(run(_positions()), fmt, title="Positions")
+
+
+@app.command()
+def pnl(
+    by: Annotated[PnlBy, typer.Option(help="fill, day or account.")] = PnlBy.day,
+    account: Annotated[str | None, typer.Option(help="Only this account.")] = None,
+    date_from: Annotated[str | None, typer.Option("--from", help="First trading day.")] = None,
+    date_to: Annotated[str | None, typer.Option("--to", help="Last trading day.")] = None,
+    method: Annotated[MethodChoice, typer.Option(help="fifo or wac.")] = MethodChoice.fifo,
+    as_of: AsOf = None,
+    as_known_at: AsKnownAt = None,
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
+    """Show realized P&L and fees per fill, trading day or account."""
+    clock, at = clock_of(as_of, as_known_at)
+    first, last = parse_day(date_from, "--from"), parse_day(date_to, "--to")
+
+    async def _pnl() -> list[dict[str, Any]]:
+        async with projected() as (conn, settings):
+            start, zone = parse_session(settings.session_start)
+            return await queries.pnl_rows(
+                conn,
+                by=by.value,
+                account=account,
+                date_from=first,
+                date_to=last,
+                method=method.value,
+                clock=clock,
+                at=at,
+                session_start=start,
+                session_tz=zone,
+            )
+
+    emit_rows(run(_pnl()), fmt, title="Realized P&L")
+
+
+@app.command()
+def history(
+    account: Annotated[str, typer.Option(help="The account.")],
+    contract: Annotated[str, typer.Option(help="The contract.")],
+    time_from: Annotated[str | None, typer.Option("--from", help="From this time.")] = None,
+    time_to: Annotated[str | None, typer.Option("--to", help="Up to this time.")] = None,
+    as_of: AsOf = None,
+    as_known_at: AsKnownAt = None,
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
+    """Show every change of one position (older days compacted to end-of-day rows)."""
+    clock, at = clock_of(as_of, as_known_at)
+    start, end = parse_time(time_from, "--from"), parse_time(time_to, "--to")
+
+    async def _history() -> list[dict[str, Any]]:
+        async with projected() as (conn, settings):
+            session, zone = parse_session(settings.session_start)
+            return await queries.history_rows(
+                conn,
+                account=account,
+                contract=contract,
+                time_from=start,
+                time_to=end,
+                clock=clock,
+                at=at,
+                session_start=session,
+                session_tz=zone,
+            )
+
+    emit_rows(run(_history()), fmt, title="Position history")
+
+
+@app.command()
+def project(
+    follow: Annotated[bool, typer.Option("--follow", help="Keep projecting new events live.")] = False,
+) -> None:
+    """Catch the projections up with the log (and follow it with --follow)."""
+
+    async def _project() -> int:
+        async with open_engine() as engine:
+            runner = ProjectionRunner(engine)
+            with progress_bar("projecting") as advance:
+                applied = await runner.catch_up(advance)
+            if not follow:
+                return applied
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            err.print("[dim]following the log; Ctrl-C to stop[/]")
+            await runner.follow(stop)
+            return applied
+
+    applied = run(_project())
+    out.print(f"projected {applied} events")
+
+
+@app.command()
+def rebuild(
+    projection: Annotated[
+        str, typer.Option(help="Which projection: all (positions, pnl and history share one version).")
+    ] = "all",
+) -> None:
+    """Rebuild the projections from zero into a new version and swap it in atomically."""
+    if projection not in ("all", "positions", "pnl", "history"):
+        err.print(f"[bold red]error:[/] --projection: unknown projection {projection!r}")
+        raise typer.Exit(2)
+
+    async def _rebuild() -> str:
+        async with open_engine() as engine:
+            async with engine.connect() as conn:
+                driver = await driver_connection(conn)
+                total = await driver.fetchval("SELECT count(*) FROM events")
+            with progress_bar("rebuilding", total=total) as advance:
+                result = await ProjectionRunner(engine).rebuild(advance)
+        rate = result.events / result.seconds if result.seconds else 0.0
+        return (
+            f"rebuilt generation {result.generation} from {result.events} events in "
+            f"{result.seconds:.2f}s ({rate:,.0f} events/s) and swapped it in"
+        )
+
+    out.print(run(_rebuild()))
 
 
 def main() -> None:

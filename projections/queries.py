@@ -1,0 +1,443 @@
+"""Answers for the CLI: positions, P&L and history, now or on either clock.
+
+Current answers read the serving generation's rows. Time travel answers from the
+per-stream snapshots plus a replay of the stream's tail:
+
+- ``as_of`` (event time): everything we now know happened up to T. The newest snapshot
+  whose last fill is at or before T, plus the stream's later events with fills up to T.
+- ``as_known_at`` (knowledge time): only what had been recorded by T. The newest snapshot
+  built from knowledge recorded by T, plus the stream's later events recorded by T.
+
+A tail that would restate fills inside the snapshot (a late fill before its last fill,
+or a bust or correction of an execution it holds) falls back to a full replay of the
+stream under the same filter, so the answer is exact either way; the cost grows with
+one stream's tail, never with the length of the log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import orjson
+
+from ledger.events import FillBusted, FillCorrected, FillRecorded, event_from_stored
+from projections.positions import (
+    FillEffect,
+    Method,
+    PositionState,
+    apply_fill,
+    effective_fills,
+    is_in_order,
+    replay,
+    unrealized,
+)
+from projections.pnl import trading_day
+
+__all__ = [
+    "Clock",
+    "StreamView",
+    "history_rows",
+    "pnl_rows",
+    "position_rows",
+    "stream_at",
+]
+
+Clock = Literal["now", "as_of", "as_known_at"]
+StreamEvent = FillRecorded | FillBusted | FillCorrected
+
+_FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
+
+SERVING = "SELECT generation FROM projection_checkpoint WHERE status = 'serving'"
+POSITIONS = """
+SELECT stream, account, contract, state::text FROM proj_positions
+WHERE generation = $1 AND ($2::text IS NULL OR account = $2) AND ($3::text IS NULL OR contract = $3)
+ORDER BY account, contract
+"""
+INSTRUMENT = """
+SELECT payload::text FROM events WHERE stream = 'instrument/' || $1 AND type = 'instrument'
+ORDER BY global_position LIMIT 1
+"""
+MARK = """
+SELECT payload->>'price', occurred_at FROM events
+WHERE stream = 'instrument/' || $1 AND type = 'mark' AND occurred_at <= $2 AND recorded_at <= $3
+ORDER BY occurred_at DESC, global_position DESC LIMIT 1
+"""
+SNAPSHOT_AS_OF = """
+SELECT known_position, key_occurred_at, state::text FROM proj_snapshots
+WHERE generation = $1 AND stream = $2 AND key_occurred_at <= $3
+ORDER BY key_occurred_at DESC, known_position DESC LIMIT 1
+"""
+SNAPSHOT_AS_KNOWN_AT = """
+SELECT known_position, key_occurred_at, state::text FROM proj_snapshots
+WHERE generation = $1 AND stream = $2 AND known_recorded_at <= $3
+ORDER BY known_position DESC, key_position DESC LIMIT 1
+"""
+# After a snapshot: everything recorded after it, and fills later in event time up to T.
+TAIL_AS_OF = """
+SELECT global_position, payload::text FROM events
+WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
+  AND (global_position > $2 OR (type = 'fill' AND occurred_at > $4 AND occurred_at <= $3))
+ORDER BY global_position
+"""
+REPLAY_AS_OF = """
+SELECT global_position, payload::text FROM events
+WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
+ORDER BY global_position
+"""
+TAIL_AS_KNOWN_AT = """
+SELECT global_position, payload::text FROM events
+WHERE stream = $1 AND global_position > $2 AND type IN ('fill', 'bust', 'correction')
+  AND recorded_at <= $3
+ORDER BY global_position
+"""
+REPLAY_AS_KNOWN_AT = """
+SELECT global_position, payload::text FROM events
+WHERE stream = $1 AND type IN ('fill', 'bust', 'correction') AND recorded_at <= $2
+ORDER BY global_position
+"""
+PNL_DAILY = """
+SELECT account, contract, day, realized_fifo, realized_wac, fees, fills FROM proj_pnl_daily
+WHERE generation = $1 AND ($2::text IS NULL OR account = $2)
+  AND ($3::date IS NULL OR day >= $3) AND ($4::date IS NULL OR day <= $4)
+ORDER BY account, contract, day
+"""
+PNL_FILLS = """
+SELECT account, contract, day, exec_id, position, occurred_at, realized_fifo, realized_wac, fees
+FROM proj_history
+WHERE generation = $1 AND kind = 'detail' AND ($2::text IS NULL OR account = $2)
+  AND ($3::date IS NULL OR day >= $3) AND ($4::date IS NULL OR day <= $4)
+ORDER BY account, contract, occurred_at, position
+"""
+HISTORY = """
+SELECT position, kind, exec_id, occurred_at, day, side, qty, price, qty_before, qty_after,
+       realized_fifo, realized_wac, cum_realized_fifo, cum_realized_wac, fees
+FROM proj_history
+WHERE generation = $1 AND stream = $2
+  AND ($3::timestamptz IS NULL OR occurred_at >= $3)
+  AND ($4::timestamptz IS NULL OR occurred_at <= $4)
+ORDER BY occurred_at, position
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamView:
+    """One position at a point in time, with the effects that made it (when replayed)."""
+
+    state: PositionState
+    effects: tuple[FillEffect, ...] | None = None
+
+
+async def serving_generation(conn: asyncpg.Connection) -> int | None:
+    """Return the serving generation, or None before anything was projected."""
+    generation: int | None = await conn.fetchval(SERVING)
+    return generation
+
+
+async def _instrument(conn: asyncpg.Connection, contract: str) -> tuple[Decimal, Decimal]:
+    payload = await conn.fetchval(INSTRUMENT, contract)
+    if payload is None:
+        raise LookupError(f"contract: no instrument event defines {contract!r}")
+    data = orjson.loads(payload)
+    tick_size = Decimal(data["tick_size"])
+    return Decimal(data["tick_value"]) / tick_size, tick_size
+
+
+def _decode(rows: list[asyncpg.Record]) -> list[tuple[int, StreamEvent]]:
+    out: list[tuple[int, StreamEvent]] = []
+    for position, payload in rows:
+        event = event_from_stored(orjson.loads(payload))
+        assert isinstance(event, FillRecorded | FillBusted | FillCorrected)
+        out.append((position, event))
+    return out
+
+
+async def stream_at(
+    conn: asyncpg.Connection,
+    generation: int,
+    stream: str,
+    clock: Clock,
+    at: datetime | None,
+    *,
+    with_effects: bool = False,
+) -> StreamView:
+    """Return one stream's position on ``clock`` at ``at`` (snapshot + tail, exact)."""
+    account, contract = stream.split("/", 1)
+    point_value, tick_size = await _instrument(conn, contract)
+    when = at or _FAR_FUTURE
+    known_at = clock == "as_known_at"
+    if not with_effects:
+        snap_sql = SNAPSHOT_AS_KNOWN_AT if known_at else SNAPSHOT_AS_OF
+        snap = await conn.fetchrow(snap_sql, generation, stream, when)
+        if snap is not None:
+            state = PositionState.from_json(orjson.loads(snap["state"]))
+            known = snap["known_position"]
+            if known_at:
+                tail_rows = await conn.fetch(TAIL_AS_KNOWN_AT, stream, known, when)
+            else:
+                tail_rows = await conn.fetch(TAIL_AS_OF, stream, known, when, snap["key_occurred_at"])
+            folded = _fold_tail(state, _decode(tail_rows), known_at, when)
+            if folded is not None:
+                return StreamView(folded)
+    if known_at:
+        events = _decode(await conn.fetch(REPLAY_AS_KNOWN_AT, stream, when))
+    else:
+        events = [
+            (p, e)
+            for p, e in _decode(await conn.fetch(REPLAY_AS_OF, stream))
+            if not isinstance(e, FillRecorded) or e.occurred_at <= when
+        ]
+    state, effects = replay(account, contract, point_value, tick_size, events)
+    return StreamView(state, tuple(effects))
+
+
+def _fold_tail(
+    state: PositionState, tail: list[tuple[int, StreamEvent]], known_at: bool, when: datetime
+) -> PositionState | None:
+    """Fold a snapshot's tail, or return None when the tail restates the snapshot.
+
+    The snapshot holds everything known when it was taken; the tail holds what was
+    recorded after it (and, for event time, fills later than its last fill). A fill
+    that sorts before the snapshot's last fill, or a bust or correction of a fill not in
+    the tail, would restate it: the caller then replays the whole stream instead.
+    """
+    if not known_at:
+        tail = [(p, e) for p, e in tail if not isinstance(e, FillRecorded) or e.occurred_at <= when]
+    fills = {e.exec_id for _, e in tail if isinstance(e, FillRecorded)}
+    if any(not isinstance(e, FillRecorded) and e.exec_id not in fills for _, e in tail):
+        return None
+    for fill in effective_fills(tail):
+        if not is_in_order(state, fill.occurred_at, fill.position):
+            return None
+        apply_fill(state, fill)
+    return state
+
+
+async def _mark(
+    conn: asyncpg.Connection, contract: str, clock: Clock, at: datetime | None
+) -> Decimal | None:
+    now = datetime.now(UTC)
+    occurred = at if clock == "as_of" and at else (at if clock == "as_known_at" and at else now)
+    recorded = at if clock == "as_known_at" and at else _FAR_FUTURE
+    row = await conn.fetchrow(MARK, contract, occurred, recorded)
+    return Decimal(row[0]) if row else None
+
+
+def _position_row(
+    state: PositionState, method: Method, mark: Decimal | None
+) -> dict[str, Any]:
+    return {
+        "account": state.account,
+        "contract": state.contract,
+        "signed_qty": state.signed_qty,
+        "side": state.side,
+        "avg_open_price": state.avg_open_price(method),
+        "realized_pnl": state.realized(method),
+        "fees": state.fees,
+        "net_realized_pnl": state.net_realized(method),
+        "unrealized_pnl": None if mark is None else unrealized(state, mark, method),
+        "mark_price": mark,
+        "opened_at": state.opened_at,
+        "last_fill_at": state.last_fill_at,
+        "method": method,
+    }
+
+
+async def position_rows(
+    conn: asyncpg.Connection,
+    *,
+    account: str | None = None,
+    contract: str | None = None,
+    method: Method = "fifo",
+    clock: Clock = "now",
+    at: datetime | None = None,
+    include_flat: bool = False,
+) -> list[dict[str, Any]]:
+    """Return positions (JSON-ready: decimals stay Decimal) on the given clock."""
+    generation = await serving_generation(conn)
+    if generation is None:
+        return []
+    rows = await conn.fetch(POSITIONS, generation, account, contract)
+    out = []
+    marks: dict[str, Decimal | None] = {}
+    for stream, _acct, ctr, state_json in rows:
+        if clock == "now":
+            state = PositionState.from_json(orjson.loads(state_json))
+        else:
+            state = (await stream_at(conn, generation, stream, clock, at)).state
+            if state.fill_count == 0:
+                continue  # the position did not exist yet at that time
+        if state.signed_qty == 0 and not include_flat:
+            continue
+        if ctr not in marks:
+            marks[ctr] = await _mark(conn, ctr, clock, at)
+        out.append(_position_row(state, method, marks[ctr]))
+    return out
+
+
+def _pick(method: Method, fifo: Decimal, wac: Decimal) -> Decimal:
+    return fifo if method == "fifo" else wac
+
+
+async def pnl_rows(
+    conn: asyncpg.Connection,
+    *,
+    by: Literal["fill", "day", "account"] = "day",
+    account: str | None = None,
+    date_from: date | None = None,
+    date_to: date | None = None,
+    method: Method = "fifo",
+    clock: Clock = "now",
+    at: datetime | None = None,
+    session_start: time | None = None,
+    session_tz: ZoneInfo | None = None,
+) -> list[dict[str, Any]]:
+    """Return realized P&L per fill, per trading day or per account."""
+    generation = await serving_generation(conn)
+    if generation is None:
+        return []
+    raw: list[dict[str, Any]] = []
+    if clock == "now":
+        if by == "fill":
+            for r in await conn.fetch(PNL_FILLS, generation, account, date_from, date_to):
+                raw.append(
+                    {
+                        "account": r["account"],
+                        "contract": r["contract"],
+                        "day": r["day"],
+                        "exec_id": r["exec_id"],
+                        "realized": _pick(method, r["realized_fifo"], r["realized_wac"]),
+                        "fees": r["fees"],
+                        "fills": 1,
+                    }
+                )
+        else:
+            for r in await conn.fetch(PNL_DAILY, generation, account, date_from, date_to):
+                raw.append(
+                    {
+                        "account": r["account"],
+                        "contract": r["contract"],
+                        "day": r["day"],
+                        "exec_id": None,
+                        "realized": _pick(method, r["realized_fifo"], r["realized_wac"]),
+                        "fees": r["fees"],
+                        "fills": r["fills"],
+                    }
+                )
+    else:
+        for stream, _a, _c, _s in await conn.fetch(POSITIONS, generation, account, None):
+            view = await stream_at(conn, generation, stream, clock, at, with_effects=True)
+            for e in view.effects or ():
+                day = trading_day(e.occurred_at, session_start, session_tz)
+                if (date_from and day < date_from) or (date_to and day > date_to):
+                    continue
+                raw.append(
+                    {
+                        "account": view.state.account,
+                        "contract": view.state.contract,
+                        "day": day,
+                        "exec_id": e.exec_id,
+                        "realized": _pick(method, e.realized_fifo, e.realized_wac),
+                        "fees": e.fee,
+                        "fills": 1,
+                    }
+                )
+    return _group(raw, by)
+
+
+def _group(raw: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in raw:
+        if by == "fill":
+            key: tuple[Any, ...] = (r["account"], r["contract"], r["day"], r["exec_id"])
+        elif by == "day":
+            key = (r["account"], r["contract"], r["day"])
+        else:
+            key = (r["account"],)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = {"account": r["account"]}
+            if by != "account":
+                g["contract"] = r["contract"]
+                g["day"] = r["day"]
+            if by == "fill":
+                g["exec_id"] = r["exec_id"]
+            g.update(realized_pnl=Decimal(0), fees=Decimal(0), net_realized_pnl=Decimal(0), fills=0)
+        g["realized_pnl"] += r["realized"]
+        g["fees"] += r["fees"]
+        g["net_realized_pnl"] = g["realized_pnl"] - g["fees"]
+        g["fills"] += r["fills"]
+    return sorted(groups.values(), key=lambda g: tuple(str(g.get(k, "")) for k in ("account", "contract", "day")))
+
+
+async def history_rows(
+    conn: asyncpg.Connection,
+    *,
+    account: str,
+    contract: str,
+    time_from: datetime | None = None,
+    time_to: datetime | None = None,
+    clock: Clock = "now",
+    at: datetime | None = None,
+    session_start: time | None = None,
+    session_tz: ZoneInfo | None = None,
+) -> list[dict[str, Any]]:
+    """Return every change of one position (detail and compacted end-of-day rows)."""
+    generation = await serving_generation(conn)
+    if generation is None:
+        return []
+    stream = f"{account}/{contract}"
+    if clock == "now":
+        rows = await conn.fetch(HISTORY, generation, stream, time_from, time_to)
+        return [
+            {
+                "position": r["position"],
+                "kind": r["kind"],
+                "exec_id": r["exec_id"],
+                "occurred_at": r["occurred_at"],
+                "day": r["day"],
+                "side": r["side"],
+                "qty": r["qty"],
+                "price": r["price"],
+                "qty_before": r["qty_before"],
+                "qty_after": r["qty_after"],
+                "realized_fifo": r["realized_fifo"],
+                "realized_wac": r["realized_wac"],
+                "cum_realized_fifo": r["cum_realized_fifo"],
+                "cum_realized_wac": r["cum_realized_wac"],
+                "fees": r["fees"],
+            }
+            for r in rows
+        ]
+    view = await stream_at(conn, generation, stream, clock, at, with_effects=True)
+    out = []
+    cum_fifo = cum_wac = Decimal(0)
+    for e in view.effects or ():
+        cum_fifo += e.realized_fifo
+        cum_wac += e.realized_wac
+        if (time_from and e.occurred_at < time_from) or (time_to and e.occurred_at > time_to):
+            continue
+        out.append(
+            {
+                "position": e.position,
+                "kind": "detail",
+                "exec_id": e.exec_id,
+                "occurred_at": e.occurred_at,
+                "day": trading_day(e.occurred_at, session_start, session_tz),
+                "side": e.side.value,
+                "qty": e.qty,
+                "price": e.price,
+                "qty_before": e.qty_before,
+                "qty_after": e.qty_after,
+                "realized_fifo": e.realized_fifo,
+                "realized_wac": e.realized_wac,
+                "cum_realized_fifo": cum_fifo,
+                "cum_realized_wac": cum_wac,
+                "fees": e.fee,
+            }
+        )
+    return out

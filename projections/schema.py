@@ -1,0 +1,128 @@
+"""The read side's tables. Every row belongs to a generation of the projections.
+
+A rebuild fills a new generation from zero while the serving one keeps answering, then
+swaps the two in one transaction; an interrupted rebuild leaves its generation in
+``building`` and the serving one untouched. Queries read the serving generation only.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+__all__ = [
+    "history",
+    "metadata",
+    "pnl_daily",
+    "positions",
+    "projection_checkpoint",
+    "snapshots",
+]
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+projection_checkpoint = Table(
+    "projection_checkpoint",
+    metadata,
+    Column("generation", Integer, primary_key=True),
+    Column("status", Text, nullable=False),  # building | serving | retired
+    Column("tx_id", BigInteger, nullable=False, server_default="0"),
+    Column("position", BigInteger, nullable=False, server_default="0"),
+    Column("events", BigInteger, nullable=False, server_default="0"),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("swapped_at", DateTime(timezone=True)),
+)
+
+positions = Table(
+    "proj_positions",
+    metadata,
+    Column("generation", Integer, primary_key=True),
+    Column("stream", Text, primary_key=True),
+    Column("account", Text, nullable=False),
+    Column("contract", Text, nullable=False),
+    Column("signed_qty", Numeric, nullable=False),
+    Column("avg_open_price_fifo", Numeric),
+    Column("avg_open_price_wac", Numeric),
+    Column("realized_fifo", Numeric, nullable=False),
+    Column("realized_wac", Numeric, nullable=False),
+    Column("fees", Numeric, nullable=False),
+    Column("opened_at", DateTime(timezone=True)),
+    Column("closed_at", DateTime(timezone=True)),
+    Column("last_fill_at", DateTime(timezone=True)),
+    Column("fill_count", Integer, nullable=False),
+    Column("last_position", BigInteger, nullable=False),
+    Column("state", JSONB, nullable=False),
+    Index(None, "generation", "account", "contract"),
+)
+
+history = Table(
+    "proj_history",
+    metadata,
+    Column("generation", Integer, primary_key=True),
+    Column("stream", Text, primary_key=True),
+    Column("position", BigInteger, primary_key=True),
+    Column("kind", Text, primary_key=True),  # detail | eod
+    Column("account", Text, nullable=False),
+    Column("contract", Text, nullable=False),
+    Column("exec_id", Text),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("day", Date, nullable=False),
+    Column("side", Text),
+    Column("qty", Numeric),
+    Column("price", Numeric),
+    Column("qty_before", Numeric, nullable=False),
+    Column("qty_after", Numeric, nullable=False),
+    Column("realized_fifo", Numeric, nullable=False),
+    Column("realized_wac", Numeric, nullable=False),
+    Column("cum_realized_fifo", Numeric, nullable=False),
+    Column("cum_realized_wac", Numeric, nullable=False),
+    Column("fees", Numeric, nullable=False),
+    Index(None, "generation", "kind", "day"),
+)
+
+pnl_daily = Table(
+    "proj_pnl_daily",
+    metadata,
+    Column("generation", Integer, primary_key=True),
+    Column("stream", Text, primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("account", Text, nullable=False),
+    Column("contract", Text, nullable=False),
+    Column("realized_fifo", Numeric, nullable=False),
+    Column("realized_wac", Numeric, nullable=False),
+    Column("fees", Numeric, nullable=False),
+    Column("fills", Integer, nullable=False),
+)
+
+snapshots = Table(
+    "proj_snapshots",
+    metadata,
+    Column("generation", Integer, primary_key=True),
+    Column("stream", Text, primary_key=True),
+    Column("known_position", BigInteger, primary_key=True),
+    Column("key_position", BigInteger, primary_key=True),
+    Column("key_occurred_at", DateTime(timezone=True), nullable=False),
+    Column("known_recorded_at", DateTime(timezone=True), nullable=False),
+    Column("state", JSONB, nullable=False),
+    Index(None, "generation", "stream", "key_occurred_at"),
+    Index(None, "generation", "stream", "known_recorded_at"),
+)

@@ -1,0 +1,202 @@
+"""All of the read side's SQL, and the few functions that run it.
+
+Statements are plain SQL for asyncpg, built once; every one names the generation it
+reads or writes, so a rebuild never touches the serving generation's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+__all__ = [
+    "HISTORY_COLUMNS",
+    "ensure_serving",
+    "lock_checkpoint",
+]
+
+HISTORY_COLUMNS = (
+    "generation",
+    "stream",
+    "position",
+    "kind",
+    "account",
+    "contract",
+    "exec_id",
+    "occurred_at",
+    "day",
+    "side",
+    "qty",
+    "price",
+    "qty_before",
+    "qty_after",
+    "realized_fifo",
+    "realized_wac",
+    "cum_realized_fifo",
+    "cum_realized_wac",
+    "fees",
+)
+
+ENSURE_SERVING = """
+INSERT INTO projection_checkpoint (generation, status, started_at, updated_at)
+SELECT 1, 'serving', now(), now()
+WHERE NOT EXISTS (SELECT FROM projection_checkpoint WHERE status = 'serving')
+ON CONFLICT DO NOTHING
+"""
+SERVING = "SELECT generation FROM projection_checkpoint WHERE status = 'serving'"
+BUILDING = "SELECT generation FROM projection_checkpoint WHERE status = 'building' ORDER BY generation DESC LIMIT 1"
+NEW_BUILDING = """
+INSERT INTO projection_checkpoint (generation, status, started_at, updated_at)
+SELECT coalesce(max(generation), 0) + 1, 'building', now(), now() FROM projection_checkpoint
+RETURNING generation
+"""
+LOCK_CHECKPOINT = """
+SELECT tx_id, position, events, status FROM projection_checkpoint WHERE generation = $1 FOR UPDATE
+"""
+ADVANCE = """
+UPDATE projection_checkpoint SET tx_id = $2, position = $3, events = events + $4, updated_at = now()
+WHERE generation = $1
+"""
+SWAP = """
+UPDATE projection_checkpoint
+SET status = CASE WHEN generation = $1 THEN 'serving' ELSE 'retired' END,
+    swapped_at = CASE WHEN generation = $1 THEN now() ELSE swapped_at END
+WHERE generation = $1 OR status = 'serving'
+"""
+RETIRED = "SELECT generation FROM projection_checkpoint WHERE status = 'retired'"
+DROP_GENERATION_TABLES = (
+    "DELETE FROM proj_positions WHERE generation = $1",
+    "DELETE FROM proj_history WHERE generation = $1",
+    "DELETE FROM proj_pnl_daily WHERE generation = $1",
+    "DELETE FROM proj_snapshots WHERE generation = $1",
+)
+FORGET_GENERATION = "DELETE FROM projection_checkpoint WHERE generation = $1"
+INSTRUMENTS = "SELECT payload::text FROM events WHERE type = 'instrument'"
+LOAD_STATES = """
+SELECT stream, state::text FROM proj_positions WHERE generation = $1 AND stream = ANY($2::text[])
+"""
+STREAM_FILLS_UPTO = """
+SELECT global_position, payload::text FROM events
+WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
+  AND (tx_id, global_position) <= ($2::text::xid8, $3::bigint)
+ORDER BY global_position
+"""
+UPSERT_POSITIONS = """
+INSERT INTO proj_positions (generation, stream, account, contract, signed_qty,
+    avg_open_price_fifo, avg_open_price_wac, realized_fifo, realized_wac, fees, opened_at,
+    closed_at, last_fill_at, fill_count, last_position, state)
+SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::numeric[], $6::numeric[],
+    $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[], $11::timestamptz[],
+    $12::timestamptz[], $13::timestamptz[], $14::int[], $15::bigint[], $16::jsonb[])
+ON CONFLICT (generation, stream) DO UPDATE SET
+    signed_qty = excluded.signed_qty, avg_open_price_fifo = excluded.avg_open_price_fifo,
+    avg_open_price_wac = excluded.avg_open_price_wac, realized_fifo = excluded.realized_fifo,
+    realized_wac = excluded.realized_wac, fees = excluded.fees, opened_at = excluded.opened_at,
+    closed_at = excluded.closed_at, last_fill_at = excluded.last_fill_at,
+    fill_count = excluded.fill_count, last_position = excluded.last_position,
+    state = excluded.state
+"""
+ADD_PNL_DAILY = """
+INSERT INTO proj_pnl_daily (generation, stream, day, account, contract, realized_fifo,
+    realized_wac, fees, fills)
+SELECT $1, * FROM unnest($2::text[], $3::date[], $4::text[], $5::text[], $6::numeric[],
+    $7::numeric[], $8::numeric[], $9::int[])
+ON CONFLICT (generation, stream, day) DO UPDATE SET
+    realized_fifo = proj_pnl_daily.realized_fifo + excluded.realized_fifo,
+    realized_wac = proj_pnl_daily.realized_wac + excluded.realized_wac,
+    fees = proj_pnl_daily.fees + excluded.fees,
+    fills = proj_pnl_daily.fills + excluded.fills
+"""
+FORGET_STREAM = (
+    "DELETE FROM proj_history WHERE generation = $1 AND stream = ANY($2::text[])",
+    "DELETE FROM proj_pnl_daily WHERE generation = $1 AND stream = ANY($2::text[])",
+)
+INSERT_SNAPSHOTS = """
+INSERT INTO proj_snapshots (generation, stream, known_position, key_position, key_occurred_at,
+    known_recorded_at, state)
+SELECT $1, * FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[],
+    $6::timestamptz[], $7::jsonb[])
+ON CONFLICT DO NOTHING
+"""
+OLD_DETAIL_GROUPS = """
+SELECT h.stream, h.position, h.kind, h.account, h.contract, h.exec_id, h.occurred_at, h.day,
+       h.qty_before, h.qty_after, h.realized_fifo, h.realized_wac, h.cum_realized_fifo,
+       h.cum_realized_wac, h.fees
+FROM proj_history h
+JOIN (SELECT DISTINCT stream, day FROM proj_history
+      WHERE generation = $1 AND kind = 'detail' AND day < $2) g
+  ON g.stream = h.stream AND g.day = h.day
+WHERE h.generation = $1
+ORDER BY h.stream, h.day, h.occurred_at, h.position
+"""
+DELETE_OLD_GROUPS = """
+DELETE FROM proj_history h USING unnest($2::text[], $3::date[]) AS g(stream, day)
+WHERE h.generation = $1 AND h.stream = g.stream AND h.day = g.day
+"""
+
+
+async def ensure_serving(conn: asyncpg.Connection) -> int:
+    """Return the serving generation, creating generation 1 on a fresh database."""
+    await conn.execute(ENSURE_SERVING)
+    generation: int = await conn.fetchval(SERVING)
+    return generation
+
+
+async def lock_checkpoint(conn: asyncpg.Connection, generation: int) -> asyncpg.Record | None:
+    """Lock a generation's checkpoint row for this transaction and return it."""
+    row: asyncpg.Record | None = await conn.fetchrow(LOCK_CHECKPOINT, generation)
+    return row
+
+
+def position_columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Transpose position rows (stream, account, ..., state) into column arrays."""
+    return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(15)]
+
+
+def history_record(
+    generation: int,
+    stream: str,
+    position: int,
+    kind: str,
+    account: str,
+    contract: str,
+    exec_id: str | None,
+    occurred_at: datetime,
+    day: date,
+    side: str | None,
+    qty: Decimal | None,
+    price: Decimal | None,
+    qty_before: Decimal,
+    qty_after: Decimal,
+    realized_fifo: Decimal,
+    realized_wac: Decimal,
+    cum_realized_fifo: Decimal,
+    cum_realized_wac: Decimal,
+    fees: Decimal,
+) -> tuple[Any, ...]:
+    """Return one proj_history row in :data:`HISTORY_COLUMNS` order (for COPY)."""
+    return (
+        generation,
+        stream,
+        position,
+        kind,
+        account,
+        contract,
+        exec_id,
+        occurred_at,
+        day,
+        side,
+        qty,
+        price,
+        qty_before,
+        qty_after,
+        realized_fifo,
+        realized_wac,
+        cum_realized_fifo,
+        cum_realized_wac,
+        fees,
+    )
