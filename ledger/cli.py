@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import signal
 import io
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -19,7 +19,6 @@ from datetime import UTC, date, datetime
 from datetime import time as dt_time
 from decimal import Decimal
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
@@ -116,9 +115,8 @@ async def open_engine(settings: Settings | None = None) -> AsyncIterator[AsyncEn
     url = database_url(settings)
     engine = make_engine(url)
     try:
-        if not settings.database_url:
-            if await current_revision(engine) != head_revision():
-                await migrate(url)
+        if not settings.database_url and await current_revision(engine) != head_revision():
+            await migrate(url)
         await check_migrated(engine)
         yield engine
     finally:
@@ -278,7 +276,7 @@ def _open_input(path: str) -> tuple[Any, str]:
     if path == "-":
         return sys.stdin.buffer, "-"
     try:
-        return open(path, "rb"), path  # noqa: SIM115 - closed by the caller
+        return open(path, "rb"), path
     except OSError as exc:
         err.print(f"[bold red]error:[/] cannot read FILE {path!r}: {exc.strerror}")
         raise typer.Exit(2) from None
@@ -487,7 +485,8 @@ def clock_of(as_of: str | None, as_known_at: str | None) -> tuple[Clock, datetim
 
 
 AsOf = Annotated[
-    str | None, typer.Option("--as-of", help="Event time: everything now known to have happened by T.")
+    str | None,
+    typer.Option("--as-of", help="Event time: everything now known to have happened by T."),
 ]
 AsKnownAt = Annotated[
     str | None, typer.Option("--as-known-at", help="Knowledge time: only what was recorded by T.")
@@ -511,7 +510,9 @@ def positions(
     method: Annotated[MethodChoice, typer.Option(help="fifo or wac.")] = MethodChoice.fifo,
     as_of: AsOf = None,
     as_known_at: AsKnownAt = None,
-    include_flat: Annotated[bool, typer.Option("--include-flat", help="Also flat positions.")] = False,
+    include_flat: Annotated[
+        bool, typer.Option("--include-flat", help="Also flat positions.")
+    ] = False,
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Show positions, realized and unrealized P&L (caught up first)."""
@@ -600,7 +601,9 @@ def history(
 
 @app.command()
 def project(
-    follow: Annotated[bool, typer.Option("--follow", help="Keep projecting new events live.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Keep projecting new events live.")
+    ] = False,
 ) -> None:
     """Catch the projections up with the log (and follow it with --follow)."""
 
@@ -626,7 +629,8 @@ def project(
 @app.command()
 def rebuild(
     projection: Annotated[
-        str, typer.Option(help="Which projection: all (positions, pnl and history share one version).")
+        str,
+        typer.Option(help="Which projection: all (positions, pnl and history share one version)."),
     ] = "all",
 ) -> None:
     """Rebuild the projections from zero into a new version and swap it in atomically."""

@@ -103,7 +103,8 @@ async def current_revision(engine: AsyncEngine) -> str | None:
             exists = await conn.scalar(text("SELECT to_regclass('alembic_version') IS NOT NULL"))
             if not exists:
                 return None
-            return await conn.scalar(text("SELECT version_num FROM alembic_version"))
+            revision = await conn.scalar(text("SELECT version_num FROM alembic_version"))
+            return None if revision is None else str(revision)
     except (OSError, OperationalError, DBAPIError) as exc:
         if isinstance(exc, DBAPIError) and not isinstance(exc, OperationalError):
             orig = getattr(exc, "orig", None)

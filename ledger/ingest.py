@@ -228,13 +228,17 @@ class Ingester:
                 "`ledger rejected --retry`)",
             )
         price = getattr(event, "price", None)
-        if price is not None and not isinstance(event, MarkPriceSet | InstrumentDefined):
-            if not is_on_tick(price, instrument.tick_size):
-                return (
-                    RejectReason.OFF_TICK_PRICE,
-                    f"price: {price} is not on the tick grid of {contract} "
-                    f"(tick size {instrument.tick_size})",
-                )
+        # a mark or settlement price may lie between ticks; an execution may not
+        if (
+            price is not None
+            and not isinstance(event, MarkPriceSet)
+            and not is_on_tick(price, instrument.tick_size)
+        ):
+            return (
+                RejectReason.OFF_TICK_PRICE,
+                f"price: {price} is not on the tick grid of {contract} "
+                f"(tick size {instrument.tick_size})",
+            )
         if isinstance(event, FillBusted | FillCorrected):
             target = fill_event_id(event.account, event.exec_id)
             if target not in known:

@@ -61,6 +61,9 @@ class Checkpoint(NamedTuple):
     position: int = 0
 
 
+_START = Checkpoint()
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     """One row of the log."""
@@ -359,9 +362,9 @@ class EventStore:
         return [_row_to_event(r) for r in rows]
 
     async def read_all(
-        self, after: Checkpoint = Checkpoint(), *, limit: int = 1000
+        self, after: Checkpoint = _START, *, limit: int = 1000
     ) -> tuple[list[StoredEvent], Checkpoint]:
-        """Return up to ``limit`` committed events after ``after``, gap-free, and the new checkpoint.
+        """Return up to ``limit`` committed events after ``after``, gap-free, and the checkpoint.
 
         An event whose transaction is still running is not returned yet, and neither is
         anything after it in read order; once it commits it is returned, so a reader that

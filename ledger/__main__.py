@@ -1,0 +1,5 @@
+"""Run the ``ledger`` command line as ``python -m ledger``."""
+
+from ledger.cli import main
+
+main()
