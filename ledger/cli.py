@@ -671,7 +671,7 @@ def demo(
         Path | None, typer.Option("--out", help="Where the day file and report go.")
     ] = None,
 ) -> None:
-    """Run the whole product on a generated trading day: ingest, project, reconcile, rebuild, report."""
+    """Run the whole product on a generated day: ingest, project, reconcile, rebuild, report."""
     settings = Settings()
     trading_day = parse_day(day, "--day") or datetime.now(UTC).date()
     folder = out_dir or settings.home / "demo"

@@ -224,7 +224,7 @@ def _nine_decimals(price: Decimal) -> Decimal:
 
 def to_projectx(records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Yield the records as ProjectX Gateway payloads (contracts, trades, positions)."""
-    account_ids = {}
+    account_ids: dict[str, int] = {}
     trades: dict[str, dict[str, Any]] = {}
     for record in records:
         kind = record["type"]
