@@ -359,9 +359,12 @@ def decode_json(text: str | bytes) -> Any:
     """Decode JSON with every non-integer number as an exact ``Decimal``.
 
     Raises:
-        ValueError: the text is not JSON, or holds NaN/Infinity.
+        ValueError: the text is not JSON, holds NaN/Infinity, or a number no Decimal holds.
     """
-    return json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
+    try:
+        return json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
+    except ArithmeticError as exc:  # e.g. 1e99999999999999999999
+        raise ValueError(f"a number in the record is out of range: {exc!r}") from None
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -242,7 +242,7 @@ def _opens_document(data: bytes) -> bool:
         decode_json(data)
     except json.JSONDecodeError:
         return True
-    except (ValueError, RecursionError):
+    except (ValueError, ArithmeticError, RecursionError):
         return False  # complete but unacceptable (NaN, huge): a JSON Lines record
     return False
 
@@ -292,13 +292,13 @@ def _iter_document(
 
 def _looks_like_json_lines(data: bytes) -> bool:
     """Return whether any line of ``data`` is a complete JSON object or array by itself."""
-    for line in data.splitlines():
+    for line in io.BytesIO(data):  # line by line, without a second copy of the buffer
         text = line.strip()
         if text[:1] not in (b"{", b"[") or len(text) > MAX_RECORD_BYTES:
             continue
         try:
             value = decode_json(text)
-        except (ValueError, RecursionError):
+        except (ValueError, ArithmeticError, RecursionError):
             continue
         if isinstance(value, dict | list):
             return True
@@ -498,13 +498,32 @@ def _decode(data: bytes) -> tuple[object, bool]:
         raise InvalidRecord(
             RejectReason.INVALID_JSON, "record: JSON nested too deeply to decode"
         ) from None
-    except ValueError:
-        pass  # NaN/Infinity, or an integer too long for int(): decode again to say where
+    except (ValueError, ArithmeticError):
+        # NaN/Infinity, an integer too long for int(), or an exponent beyond what Decimal
+        # holds: decode again with markers, so the payload check can name the field.
+        pass
     try:
-        value = json.loads(text, parse_float=Decimal, parse_int=_parse_int, parse_constant=Decimal)
-    except (ValueError, RecursionError) as exc:  # pragma: no cover - decode_json saw it
+        value = json.loads(
+            text, parse_float=_parse_float, parse_int=_parse_int, parse_constant=Decimal
+        )
+    except (ValueError, ArithmeticError, RecursionError) as exc:  # pragma: no cover
         raise InvalidRecord(RejectReason.INVALID_JSON, f"record: not valid JSON: {exc}") from None
     return value, True
+
+
+class _Unrepresentable(Decimal):
+    """A JSON number beyond even Decimal's exponent range (a NaN carrying its text)."""
+
+    text: str
+
+
+def _parse_float(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except ArithmeticError:
+        marker = _Unrepresentable("NaN")
+        marker.text = text
+        return marker
 
 
 def _parse_int(text: str) -> int | Decimal:
@@ -587,6 +606,8 @@ def _encode(value: object, fallback: bytes) -> bytes:
 
 
 def _number_fragment(value: object) -> orjson.Fragment:
+    if isinstance(value, _Unrepresentable):
+        return orjson.Fragment(value.text.encode())
     if isinstance(value, Decimal):
         return orjson.Fragment(str(value).encode())
     raise TypeError(f"cannot encode {type(value).__name__}")
@@ -594,6 +615,11 @@ def _number_fragment(value: object) -> orjson.Fragment:
 
 def _refuse_non_finite(value: object, path: str = "") -> None:
     """Reject NaN/Infinity anywhere in a payload, naming where (JSON has neither)."""
+    if isinstance(value, _Unrepresentable):
+        raise InvalidRecord(
+            RejectReason.INVALID_RECORD,
+            f"{path or 'record'}: decimal number out of range: {_show(value.text)}",
+        )
     if isinstance(value, Decimal) and not value.is_finite():
         raise InvalidRecord(
             RejectReason.INVALID_RECORD,

@@ -197,16 +197,24 @@ def valid_case(draw: st.DrawFn) -> Case:
         trades = draw(st.lists(projectx_trade(), min_size=2, max_size=4))
         items = [t for t, _ in trades]
         body = items if shape == "list" else {"trades": items, "success": True, "errorCode": 0}
-        exact = [e for t, e in trades for _ in range(_trade_events(t))]
-        return Case(dumps(body).encode(), True, len(exact), single=False, exact=exact)
+        per_event = [e for t, e in trades for _ in range(_trade_events(t))]
+        return Case(dumps(body).encode(), True, len(per_event), single=False, exact=per_event)
     record, exact = draw(projectx_position() if shape == "position" else projectx_contract())
     return Case(dumps(record).encode(), True, 1, exact=[exact])
 
 
 # --------------------------------------------------------------------------- malformed
 
-HUGE = [Raw("1e400"), Raw("-1e400"), Raw("1e-400"), Raw("9" * 5000), Raw("1" + "0" * 39)]
-NON_FINITE = [Raw("NaN"), Raw("Infinity"), Raw("-Infinity")]
+HUGE: list[object] = [
+    Raw("1e99999999999999999999"),
+    Raw("-1E-99999999999999999999"),
+    Raw("1e400"),
+    Raw("-1e400"),
+    Raw("1e-400"),
+    Raw("9" * 5000),
+    Raw("1" + "0" * 39),
+]
+NON_FINITE: list[object] = [Raw("NaN"), Raw("Infinity"), Raw("-Infinity")]
 NAIVE = ["2025-01-21T16:00:00", "2025-01-21", "2025-01-21T16:00:00.123456"]
 BAD_IDS = [
     "x" * 65,
@@ -218,9 +226,9 @@ BAD_IDS = [
     "é",
     "1;1",
 ]
-NOT_TEXT = [True, None, [], {}, Raw("1.5")]
-NOT_NUMBER = [True, None, [], {}, "abc", "", "1,5", "0x10"]
-NOT_TIME = [123, True, None, [], "yesterday", "2025-13-01T00:00:00+00:00"]
+NOT_TEXT: list[object] = [True, None, [], {}, Raw("1.5")]
+NOT_NUMBER: list[object] = [True, None, [], {}, "abc", "", "1,5", "0x10"]
+NOT_TIME: list[object] = [123, True, None, [], "yesterday", "2025-13-01T00:00:00+00:00"]
 
 NATIVE_BAD: dict[str, list[object]] = {
     "account": [*NOT_TEXT, *BAD_IDS, "instrument", "SEAL"],
@@ -257,6 +265,15 @@ POSITION_BAD: dict[str, list[object]] = {
     "creationTimestamp": [*NOT_TIME, *NAIVE],
     "accountId": [*NOT_TEXT, *BAD_IDS],
 }
+CONTRACT_BAD: dict[str, list[object]] = {
+    "id": [*NOT_TEXT, *BAD_IDS],
+    "tickSize": [Raw("0"), Raw("-0.25"), "abc", None, True, *HUGE, *NON_FINITE],
+    "tickValue": [Raw("0"), Raw("-12.5"), "abc", None, True, *HUGE, *NON_FINITE],
+    # descriptive keys are not kept, but NaN/Infinity is refused wherever it appears
+    "name": NON_FINITE,
+    "description": NON_FINITE,
+    "activeContract": NON_FINITE,
+}
 BAD_BYTES = [b"\xff", b"\xfe\xff", b"\xc3\x28", b"\xa0\xa1", b"\xed\xa0\x80", b"\xf0\x28\x8c\x28"]
 
 
@@ -278,12 +295,16 @@ def malformed_native(draw: st.DrawFn) -> Case:
 
 @st.composite
 def malformed_projectx(draw: st.DrawFn) -> Case:
-    if draw(st.booleans()):
+    shape = draw(st.sampled_from(["trade", "trade", "position", "contract"]))
+    if shape == "trade":
         record, _ = draw(projectx_trade(voided=draw(st.booleans())))
         bad, required = TRADE_BAD, TRADE_REQUIRED
-    else:
+    elif shape == "position":
         record, _ = draw(projectx_position())
         bad, required = POSITION_BAD, ["type", "size", "accountId", "contractId"]
+    else:
+        record, _ = draw(projectx_contract())
+        bad, required = CONTRACT_BAD, ["id", "tickValue"]
     kind = draw(st.sampled_from(["value", "value", "missing", "extra"]))
     if kind == "value":
         name = draw(st.sampled_from(sorted(bad)))
@@ -292,7 +313,7 @@ def malformed_projectx(draw: st.DrawFn) -> Case:
         name = draw(st.sampled_from(required))
         del record[name]
     else:
-        name = draw(st.sampled_from(["exchange", "symbolId", "Price"]))
+        name = draw(st.sampled_from(["exchange", "unknownKey", "Price"]))
         record[name] = 1
     body: object = record if draw(st.booleans()) else {"action": 1, "data": record}
     return Case(dumps(body).encode(), False, field=name)
@@ -454,7 +475,7 @@ def test_arbitrary_bytes_never_raise(lines: list[bytes]) -> None:
 
 CSV_HEADER = ["type", "account", "contract", "exec_id", "side", "qty", "price", "occurred_at"]
 CELL = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"),
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\r\n"),
     max_size=12,
 )
 
@@ -490,7 +511,7 @@ def test_csv_rows_are_each_accounted_for(rows: list[list[str]]) -> None:
         if number > 1 and line.strip() and any(rows[number - 2])
     }
     assert [r.ref.line for r in results] == sorted(expected)
-    for row, result in zip([r for r in rows if any(r)], results, strict=True):
+    for row, result in zip([rows[n - 2] for n in sorted(expected)], results, strict=True):
         if isinstance(result, Rejected):
             assert result.message
         if row[0] == "fill" and len(row) == len(CSV_HEADER):  # a generated valid fill
