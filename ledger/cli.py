@@ -30,11 +30,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger.audit import append_seal
 from ledger.db import check_migrated, current_revision, head_revision, make_engine, migrate
 from ledger.demo import DayPlan, generate_day
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
 from ledger.ingest import Ingester
+from ledger.reconcile import reconcile, record_run
 from ledger.settings import Settings
 from ledger.sources import iter_file
 from ledger.store import Checkpoint, EventStore, driver_connection
@@ -614,6 +616,7 @@ def project(
             runner = ProjectionRunner(engine)
             with progress_bar("projecting") as advance:
                 applied = await runner.catch_up(advance)
+            await append_seal(engine)  # tamper evidence over the log as projected
             if not follow:
                 return applied
             stop = asyncio.Event()
@@ -701,7 +704,7 @@ def demo(
                 by_account = await queries.pnl_rows(
                     conn, by="account", date_from=trading_day, date_to=trading_day
                 )
-            extra = await demo_extras(engine, plan, folder)
+            extra = await demo_extras(engine, plan, folder, settings)
             rebuilt = await runner.rebuild()
             async with engine.connect() as sa_conn:
                 conn = await driver_connection(sa_conn)
@@ -769,17 +772,58 @@ def demo(
         f"{trading_day}T15:00:00Z        # event time\n"
         "  ledger positions --as-known-at <time>            # knowledge time\n"
         "  ledger history --account ACC-1 --contract CON.F.US.EP.Z26\n"
-        "  ledger log --limit 20 ; ledger rejected ; ledger rebuild\n"
+        "  ledger reconcile --cutoff "
+        f"{trading_day}T21:00:01Z --propose   # exit 3 when there are breaks\n"
+        "  ledger trail --account ACC-1 --contract CON.F.US.EP.Z26\n"
+        "  ledger verify ; ledger log --limit 20 ; ledger rejected ; ledger rebuild\n"
     )
     if not result["identical"]:
         raise typer.Exit(1)
 
 
-async def demo_extras(engine: AsyncEngine, plan: DayPlan, folder: Path) -> dict[str, Any]:
-    """Reconciliation and the EOD report of the demo (filled in once they exist)."""
-    return {"lines": []}
+async def demo_extras(
+    engine: AsyncEngine, plan: DayPlan, folder: Path, settings: Settings
+) -> dict[str, Any]:
+    """Reconcile the demo day against the broker's reports and write its EOD report."""
+    # polars is heavy: load it only when a report is written
+    from ledger.report import build_report, write_report
+
+    cutoff = datetime.combine(plan.day, dt_time(21, 0, 1), tzinfo=UTC)
+    start, zone = parse_session(settings.session_start)
+    async with engine.connect() as sa_conn:
+        conn = await driver_connection(sa_conn)
+        result = await reconcile(conn, cutoff=cutoff, session_start=start, session_tz=zone)
+        await record_run(EventStore(engine), result.event)
+        report = await build_report(conn, plan.day, session_start=start, session_tz=zone)
+    files = write_report(report, folder)
+    run_event = result.event
+    lines = [
+        f"\n[bold]4. end-of-day reconciliation[/] at {cutoff.isoformat()}: matched "
+        f"{run_event.matched}, breaks {len(run_event.breaks)} (run {run_event.run_id})"
+    ]
+    for brk in run_event.breaks:
+        lines.append(
+            f"   [yellow]{brk.type}[/] {brk.account} {brk.contract}: ledger {brk.ledger_value}, "
+            f"broker {brk.broker_value}, difference {brk.difference}; "
+            f"fills since the last match: {', '.join(brk.exec_ids[-5:]) or 'none'}"
+        )
+    for proposal in result.proposals:
+        price = "" if proposal.price is None else f" @ {proposal.price}"
+        lines.append(
+            f"   proposal (not written): {proposal.side} {proposal.qty}{price} "
+            f"{proposal.account} {proposal.contract} {proposal.note}".rstrip()
+        )
+    html = next((f for f in files if f.suffix == ".html"), None)
+    lines.append(f"\n[bold]5. EOD report[/] {html} (+ CSV and Parquet beside it)")
+    return {"lines": lines, "breaks": len(run_event.breaks), "report": html}
 
 
 def main() -> None:
     """Run the ``ledger`` command line."""
     app()
+
+
+# The command modules register themselves on `app`; they import from this module, so
+# they must come last.
+import ledger.cli_audit  # noqa: E402
+import ledger.cli_live  # noqa: E402, F401

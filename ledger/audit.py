@@ -1,0 +1,850 @@
+"""Audit: the trail of a position, the lots that make it up, and tamper evidence.
+
+- :func:`trail`: every event that contributed to one position, in fold order, with the
+  running quantity and realized P&L after each; busted fills stay in the trail marked
+  ``BUSTED``, corrections show old -> new, and a late fill, a bust or a correction shows
+  how it restated the position (what was known before it, what is known after it).
+- :func:`explain`: the position at T and the FIFO lots that make it up, each traced to
+  the fill that opened it (execution id, log position, times).
+- :func:`verify`: recomputes every stream's hash chain from the stored payloads, finds
+  version gaps and stream heads that point past the log's end (deleted events), checks
+  every seal against the log, and compares the serving projections with a fresh replay.
+- :func:`append_seal`: appends a ``LogSealed`` record over the log's committed prefix.
+
+A seal's digest is chained over ``(global_position, event_id, hash)`` of every event in
+the log's gap-free read order (transaction id, then position) up to and including the
+event at ``through_position``. Read order, not bare position order: an event of a
+transaction still running when the seal is taken may hold a lower position and commit
+later, but never sorts before the sealed prefix in read order, so a seal stays valid
+for ever on an untouched log. Deleting or editing any sealed event, removing a whole
+stream, or truncating the sealed part of the log changes the digest or the count.
+
+Exceptions::
+
+    LedgerError
+    └── AuditError          the position asked about has no events
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger.errors import LedgerError
+from ledger.events import (
+    FillBusted,
+    FillCorrected,
+    FillRecorded,
+    LogSealed,
+    canonical_value,
+    event_from_stored,
+)
+from ledger.store import GENESIS_HASH, EventStore, chain_hash, driver_connection, encode_event
+from projections.positions import (
+    FillInput,
+    PositionState,
+    StreamEvent,
+    apply_fill,
+    is_in_order,
+    new_state,
+    replay,
+)
+from projections.queries import Clock, serving_generation, stream_at
+
+__all__ = [
+    "AuditError",
+    "Problem",
+    "SealInfo",
+    "VerifyReport",
+    "append_seal",
+    "compute_seal",
+    "explain",
+    "load_stream",
+    "problems_as_rows",
+    "trail",
+    "verify",
+]
+
+_ZERO = Decimal(0)
+_PAGE = 5000
+
+_STREAM_EVENTS = """
+SELECT global_position, recorded_at, payload::text FROM events
+WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
+ORDER BY global_position
+"""
+_INSTRUMENT = """
+SELECT payload::text FROM events WHERE stream = 'instrument/' || $1 AND type = 'instrument'
+ORDER BY global_position LIMIT 1
+"""
+_VERIFY_PAGE = """
+SELECT global_position, stream, stream_version, event_id::text, payload::text,
+       content_digest, hash
+FROM events WHERE (stream, stream_version) > ($1, $2)
+ORDER BY stream, stream_version LIMIT $3
+"""
+_HEADS = "SELECT stream, version, last_hash FROM streams ORDER BY stream"
+_XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+_SEAL_PAGE = """
+SELECT tx_id::text::bigint, global_position, event_id::text, hash, type FROM events
+WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
+  AND tx_id < $3::text::xid8
+ORDER BY tx_id, global_position LIMIT $4
+"""
+_SEALS = """
+SELECT global_position, payload::text FROM events WHERE type = 'seal' ORDER BY global_position
+"""
+_TX_OF = """
+SELECT global_position, tx_id::text::bigint FROM events WHERE global_position = ANY($1::bigint[])
+"""
+_PROJECTED = """
+SELECT stream, state::text FROM proj_positions WHERE generation = $1 ORDER BY stream
+"""
+_FILL_STREAMS = "SELECT DISTINCT stream FROM events WHERE type = 'fill' ORDER BY stream"
+
+
+class AuditError(LedgerError):
+    """An audit query names a position the log knows nothing about."""
+
+
+# ------------------------------------------------------------------ loading
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRow:
+    """One fill, bust or correction of a stream, with where and when it was recorded."""
+
+    position: int
+    recorded_at: datetime
+    event: StreamEvent
+
+
+async def _instrument(conn: asyncpg.Connection, contract: str) -> tuple[Decimal, Decimal]:
+    payload = await conn.fetchval(_INSTRUMENT, contract)
+    if payload is None:
+        raise AuditError(f"contract: no instrument event defines {contract!r}")
+    data = orjson.loads(payload)
+    tick_size = Decimal(data["tick_size"])
+    return Decimal(data["tick_value"]) / tick_size, tick_size
+
+
+async def load_stream(
+    conn: asyncpg.Connection,
+    stream: str,
+    *,
+    occurred_by: datetime | None = None,
+    recorded_by: datetime | None = None,
+) -> list[StreamRow]:
+    """Return a stream's fills, busts and corrections in log order, filtered by time.
+
+    Args:
+        conn: a connection on the ledger's database.
+        stream: ``{account}/{contract}``.
+        occurred_by: keep only fills that occurred at or before this time (busts and
+            corrections are kept whenever they occurred, as the ``as_of`` replay does).
+        recorded_by: keep only events recorded at or before this time.
+    """
+    rows: list[StreamRow] = []
+    for position, recorded_at, payload in await conn.fetch(_STREAM_EVENTS, stream):
+        if recorded_by is not None and recorded_at > recorded_by:
+            continue
+        event = event_from_stored(orjson.loads(payload))
+        assert isinstance(event, FillRecorded | FillBusted | FillCorrected)
+        if (
+            occurred_by is not None
+            and isinstance(event, FillRecorded)
+            and event.occurred_at > occurred_by
+        ):
+            continue
+        rows.append(StreamRow(position, recorded_at, event))
+    return rows
+
+
+def _window(clock: Clock, at: datetime | None) -> tuple[datetime | None, datetime | None]:
+    if at is None or clock == "now":
+        return None, None
+    return (at, None) if clock == "as_of" else (None, at)
+
+
+def _text(value: Decimal | None) -> str | None:
+    if value is None:
+        return None
+    result: str = canonical_value(value)
+    return result
+
+
+def _fill_input(position: int, fill: FillRecorded) -> FillInput:
+    return FillInput(
+        exec_id=fill.exec_id,
+        side=fill.side,
+        qty=fill.qty,
+        price=fill.price,
+        fee=fill.fee,
+        occurred_at=fill.occurred_at,
+        position=position,
+        order_id=fill.order_id,
+    )
+
+
+# ------------------------------------------------------------------ trail
+
+
+@dataclass(slots=True)
+class _Walk:
+    """What was known as each event arrived (knowledge order = log order)."""
+
+    first_known: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
+    late: set[int] = field(default_factory=set)
+    duplicate: set[int] = field(default_factory=set)
+    restated: dict[int, tuple[Decimal, Decimal, Decimal, Decimal]] = field(default_factory=dict)
+
+
+def _walk(
+    account: str, contract: str, point_value: Decimal, tick_size: Decimal, rows: list[StreamRow]
+) -> _Walk:
+    walk = _Walk()
+    state = new_state(account, contract, point_value, tick_size)
+    seen: list[tuple[int, StreamEvent]] = []
+    filled: set[str] = set()
+    touched: set[str] = set()
+    for row in rows:
+        event = row.event
+        before = (state.signed_qty, state.realized_fifo)
+        seen.append((row.position, event))
+        if isinstance(event, FillRecorded):
+            if event.exec_id in filled:
+                walk.duplicate.add(row.position)  # the earlier record stands
+                continue
+            filled.add(event.exec_id)
+            if event.exec_id not in touched and is_in_order(state, event.occurred_at, row.position):
+                effect = apply_fill(state, _fill_input(row.position, event))
+                walk.first_known[event.exec_id] = (effect.qty_after, effect.realized_fifo)
+                continue
+            walk.late.add(row.position)
+        else:
+            touched.add(event.exec_id)
+        state, effects = replay(account, contract, point_value, tick_size, seen)
+        for e in effects:
+            walk.first_known.setdefault(e.exec_id, (e.qty_after, e.realized_fifo))
+        walk.restated[row.position] = (before[0], state.signed_qty, before[1], state.realized_fifo)
+    return walk
+
+
+def _restatement(values: tuple[Decimal, Decimal, Decimal, Decimal]) -> str:
+    qb, qa, rb, ra = values
+    return f"restated position {_text(qb)} → {_text(qa)}, realized P&L {_text(rb)} → {_text(ra)}"
+
+
+async def trail(
+    conn: asyncpg.Connection,
+    account: str,
+    contract: str,
+    *,
+    clock: Clock = "now",
+    at: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Return every event that contributed to one position, in fold order.
+
+    Each fill row carries the running signed quantity and the FIFO realized P&L (the
+    fill's own and the cumulative) after it, as the log now states them; ``status`` is
+    ``LATE`` (recorded after fills that sort after it), ``BUSTED``, ``CORRECTED`` or
+    ``DUPLICATE`` (an execution id recorded again: the earlier record stands);
+    ``restated`` tells what the fill showed when it was first known, where that changed.
+    Each bust or correction follows the fill it touched, with old -> new values and the
+    restatement it caused.
+
+    Raises:
+        AuditError: the position has no events on this clock, or its contract has no
+            instrument.
+    """
+    stream = f"{account}/{contract}"
+    occurred_by, recorded_by = _window(clock, at)
+    rows = await load_stream(conn, stream, occurred_by=occurred_by, recorded_by=recorded_by)
+    if not rows:
+        raise AuditError(f"account {account!r} contract {contract!r}: no fills in the log")
+    point_value, tick_size = await _instrument(conn, contract)
+    walk = _walk(account, contract, point_value, tick_size, rows)
+    _, effects = replay(
+        account, contract, point_value, tick_size, [(r.position, r.event) for r in rows]
+    )
+    effect_of = {e.exec_id: e for e in effects}
+    cumulative: dict[str, Decimal] = {}
+    running = _ZERO
+    for e in effects:
+        running += e.realized_fifo
+        cumulative[e.exec_id] = running
+
+    fills = sorted(
+        (r for r in rows if isinstance(r.event, FillRecorded)),
+        key=lambda r: (r.event.occurred_at, r.position),
+    )
+    amendments: dict[str, list[StreamRow]] = defaultdict(list)
+    for r in rows:
+        if not isinstance(r.event, FillRecorded):
+            amendments[r.event.exec_id].append(r)
+    filled = {r.event.exec_id for r in fills}
+
+    out: list[dict[str, Any]] = []
+    for r in fills:
+        fill = r.event
+        assert isinstance(fill, FillRecorded)
+        effect = effect_of.get(fill.exec_id) if r.position not in walk.duplicate else None
+        kinds = {type(a.event) for a in amendments.get(fill.exec_id, [])}
+        status = []
+        if r.position in walk.late:
+            status.append("LATE")
+        if r.position in walk.duplicate:
+            status.append("DUPLICATE")
+        elif FillBusted in kinds:
+            status.append("BUSTED")
+        elif FillCorrected in kinds:
+            status.append("CORRECTED")
+        restated = ""
+        first = walk.first_known.get(fill.exec_id)
+        if first is not None and r.position not in walk.duplicate:
+            if effect is None:
+                restated = f"was qty_after {_text(first[0])}, realized {_text(first[1])}; busted"
+            elif (effect.qty_after, effect.realized_fifo) != first:
+                restated = (
+                    f"qty_after {_text(first[0])} → {_text(effect.qty_after)}, "
+                    f"realized {_text(first[1])} → {_text(effect.realized_fifo)}"
+                )
+        detail = ""
+        if r.position in walk.late and r.position in walk.restated:
+            detail = "recorded after fills that sort after it: " + _restatement(
+                walk.restated[r.position]
+            )
+        out.append(
+            {
+                "position": r.position,
+                "type": "fill",
+                "exec_id": fill.exec_id,
+                "occurred_at": fill.occurred_at,
+                "recorded_at": r.recorded_at,
+                "side": fill.side.value,
+                "qty": effect.qty if effect else fill.qty,
+                "price": effect.price if effect else fill.price,
+                "fee": effect.fee if effect else fill.fee,
+                "status": ",".join(status),
+                "qty_after": effect.qty_after if effect else None,
+                "realized_pnl": effect.realized_fifo if effect else None,
+                "cum_realized_pnl": cumulative.get(fill.exec_id) if effect else None,
+                "restated": restated,
+                "detail": detail,
+            }
+        )
+        if r.position in walk.duplicate:
+            continue
+        previous = (fill.qty, fill.price, fill.fee)
+        ordered = sorted(
+            amendments.get(fill.exec_id, []), key=lambda a: (a.event.occurred_at, a.position)
+        )
+        for a in ordered:
+            out.append(_amendment_row(a, previous, walk))
+            if isinstance(a.event, FillCorrected):
+                previous = (a.event.qty, a.event.price, a.event.fee)
+    for exec_id, orphans in sorted(amendments.items()):
+        if exec_id not in filled:
+            for a in orphans:
+                row = _amendment_row(a, None, walk)
+                row["status"] = "UNKNOWN_EXECUTION"
+                out.append(row)
+    for seq, row in enumerate(out, start=1):
+        row["seq"] = seq
+    return [{"seq": row.pop("seq"), **row} for row in out]
+
+
+def _amendment_row(
+    row: StreamRow, previous: tuple[Decimal, Decimal, Decimal] | None, walk: _Walk
+) -> dict[str, Any]:
+    event = row.event
+    restatement = walk.restated.get(row.position)
+    if isinstance(event, FillCorrected):
+        kind = "correction"
+        changes = []
+        if previous is not None:
+            for name, old, new in zip(
+                ("qty", "price", "fee"),
+                previous,
+                (event.qty, event.price, event.fee),
+                strict=True,
+            ):
+                if old != new:
+                    changes.append(f"{name} {_text(old)} → {_text(new)}")
+        detail = f"corrects {event.exec_id}: " + (", ".join(changes) or "no change")
+    else:
+        kind = "bust"
+        detail = f"busts {event.exec_id}"
+    if restatement is not None:
+        detail += "; " + _restatement(restatement)
+    return {
+        "seq": 0,
+        "position": row.position,
+        "type": kind,
+        "exec_id": event.exec_id,
+        "occurred_at": event.occurred_at,
+        "recorded_at": row.recorded_at,
+        "side": None,
+        "qty": event.qty if isinstance(event, FillCorrected) else None,
+        "price": event.price if isinstance(event, FillCorrected) else None,
+        "fee": event.fee if isinstance(event, FillCorrected) else None,
+        "status": "",
+        "qty_after": None,
+        "realized_pnl": None,
+        "cum_realized_pnl": None,
+        "restated": "",
+        "detail": detail,
+    }
+
+
+# ------------------------------------------------------------------ explain
+
+
+async def explain(
+    conn: asyncpg.Connection,
+    account: str,
+    contract: str,
+    *,
+    clock: Clock = "as_of",
+    at: datetime | None = None,
+) -> dict[str, Any]:
+    """Return the position at ``at`` and the FIFO lots that make it up.
+
+    Each lot is traced to the fill that opened it: its execution id, order id, log
+    position, ``occurred_at`` and ``recorded_at``, and the fill's (effective) quantity,
+    of which the lot is what is still open.
+
+    Raises:
+        AuditError: the position has no fills on this clock, or its contract has no
+            instrument.
+    """
+    stream = f"{account}/{contract}"
+    occurred_by, recorded_by = _window(clock, at)
+    rows = await load_stream(conn, stream, occurred_by=occurred_by, recorded_by=recorded_by)
+    if not any(isinstance(r.event, FillRecorded) for r in rows):
+        raise AuditError(f"account {account!r} contract {contract!r}: no fills in the log")
+    await _instrument(conn, contract)
+    generation = await serving_generation(conn) or 0
+    view = await stream_at(conn, generation, stream, clock, at, with_effects=True)
+    state: PositionState = view.state
+    effect_of = {e.exec_id: e for e in view.effects or ()}
+    origin: dict[str, StreamRow] = {}
+    for r in rows:
+        if isinstance(r.event, FillRecorded):
+            origin.setdefault(r.event.exec_id, r)
+    lots = []
+    for lot in state.lots:
+        source = origin.get(lot.exec_id)
+        fill = source.event if source else None
+        effect = effect_of.get(lot.exec_id)
+        lots.append(
+            {
+                "exec_id": lot.exec_id,
+                "qty": lot.qty,
+                "price": lot.price,
+                "opened_at": lot.opened_at,
+                "fill_position": source.position if source else None,
+                "fill_occurred_at": fill.occurred_at if fill else None,
+                "fill_recorded_at": source.recorded_at if source else None,
+                "order_id": fill.order_id if isinstance(fill, FillRecorded) else None,
+                "fill_side": effect.side.value if effect else None,
+                "fill_qty": effect.qty if effect else None,
+            }
+        )
+    return {
+        "account": account,
+        "contract": contract,
+        "clock": clock,
+        "at": at,
+        "signed_qty": state.signed_qty,
+        "side": state.side,
+        "avg_open_price": state.avg_open_price("fifo"),
+        "avg_open_price_wac": state.avg_open_price("wac"),
+        "realized_pnl": state.realized_fifo,
+        "fees": state.fees,
+        "opened_at": state.opened_at,
+        "last_fill_at": state.last_fill_at,
+        "fill_count": state.fill_count,
+        "lots": lots,
+    }
+
+
+# ------------------------------------------------------------------ seals
+
+
+@dataclass(frozen=True, slots=True)
+class SealInfo:
+    """A seal over the log's committed prefix in read order."""
+
+    through_position: int
+    through_tx: int
+    event_count: int
+    digest: str
+    through_recorded_at: datetime | None = None
+
+
+def _seal_step(digest: bytes, position: int, event_id: str, event_hash: bytes) -> bytes:
+    return hashlib.sha256(
+        digest + struct.pack(">q", position) + uuid.UUID(event_id).bytes + event_hash
+    ).digest()
+
+
+async def compute_seal(conn: asyncpg.Connection) -> tuple[SealInfo, bool] | None:
+    """Return the seal of the log's committed prefix, and whether it holds new events.
+
+    "New" means anything but seals after the latest existing seal; sealing a log that
+    only grew by seals would seal seals for ever.
+
+    Returns:
+        None for an empty log.
+    """
+    xmin = await conn.fetchval(_XMIN)
+    last_seal = 0
+    for _position, payload in await conn.fetch(_SEALS):
+        last_seal = max(last_seal, int(orjson.loads(payload)["through_position"]))
+    digest = GENESIS_HASH
+    count = 0
+    tx, pos = 0, 0
+    fresh = False
+    while True:
+        rows = await conn.fetch(_SEAL_PAGE, str(tx), pos, str(xmin), _PAGE)
+        if not rows:
+            break
+        for _tx, position, event_id, event_hash, kind in rows:
+            digest = _seal_step(digest, position, event_id, bytes(event_hash))
+            count += 1
+            if kind != "seal" and position > last_seal:
+                fresh = True
+        tx, pos = rows[-1][0], rows[-1][1]
+    if count == 0:
+        return None
+    recorded = await conn.fetchval("SELECT recorded_at FROM events WHERE global_position = $1", pos)
+    return SealInfo(pos, tx, count, digest.hex(), recorded), fresh or last_seal == 0
+
+
+async def append_seal(engine: AsyncEngine) -> LogSealed | None:
+    """Append a seal over the log's committed prefix; idempotent.
+
+    The seal's ``occurred_at`` is the ``recorded_at`` of the last sealed event, so the
+    same prefix always gives the same seal (and re-appending it is a no-op).
+
+    Returns:
+        The seal appended (or already there), or None when the log is empty or nothing
+        but seals was appended since the last seal.
+    """
+    async with engine.connect() as sa_conn:
+        conn = await driver_connection(sa_conn)
+        computed = await compute_seal(conn)
+    if computed is None or not computed[1]:
+        return None
+    info = computed[0]
+    assert info.through_recorded_at is not None
+    seal = LogSealed(
+        through_position=info.through_position,
+        event_count=info.event_count,
+        digest=info.digest,
+        occurred_at=info.through_recorded_at,
+    )
+    await EventStore(engine).append([seal])
+    return seal
+
+
+# ------------------------------------------------------------------ verify
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One piece of tamper evidence (or a projection that disagrees with the log)."""
+
+    kind: str
+    message: str
+    stream: str | None = None
+    global_position: int | None = None
+    stream_version: int | None = None
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """What :func:`verify` checked and what it found."""
+
+    events: int = 0
+    streams: int = 0
+    seals: int = 0
+    projections_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Return whether nothing was found."""
+        return not self.problems
+
+
+async def verify(conn: asyncpg.Connection, *, check_projections: bool = True) -> VerifyReport:
+    """Check the log's hash chains, stream heads and seals, and the projections.
+
+    Args:
+        conn: a connection on the ledger's database.
+        check_projections: also compare each serving position with a fresh replay of
+            its stream (catch the projections up first, or a lagging one disagrees).
+
+    Returns:
+        The report; ``report.problems`` lists the hash-chain findings stream by
+        stream in version order, then stream heads, seals and projections, each naming
+        the stream and the global position (or version) involved.
+    """
+    report = VerifyReport()
+    last: dict[str, tuple[int, bytes, int]] = {}  # stream -> (version, hash, position)
+    await _verify_chains(conn, report, last)
+    await _verify_heads(conn, report, last)
+    await _verify_seals(conn, report)
+    if check_projections:
+        await _verify_projections(conn, report)
+    return report
+
+
+async def _verify_chains(
+    conn: asyncpg.Connection, report: VerifyReport, last: dict[str, tuple[int, bytes, int]]
+) -> None:
+    key: tuple[str, int] = ("", 0)
+    while True:
+        rows = await conn.fetch(_VERIFY_PAGE, key[0], key[1], _PAGE)
+        if not rows:
+            return
+        for position, stream, version, event_id, payload, stored_digest, stored_hash in rows:
+            report.events += 1
+            stored_digest, stored_hash = bytes(stored_digest), bytes(stored_hash)
+            prev = last.get(stream)
+            if prev is None:
+                report.streams += 1
+            expected_version = 1 if prev is None else prev[0] + 1
+            where = f"stream {stream!r} version {version} (global position {position})"
+            linked = True
+            if version != expected_version:
+                linked = False
+                after = "the start" if prev is None else f"global position {prev[2]}"
+                missing = (
+                    f"version {expected_version}"
+                    if version == expected_version + 1
+                    else f"versions {expected_version}..{version - 1}"
+                )
+                report.problems.append(
+                    Problem(
+                        "VERSION_GAP",
+                        f"stream {stream!r}: {missing} missing between {after} and global "
+                        f"position {position} (deleted events)",
+                        stream,
+                        position,
+                        expected_version,
+                    )
+                )
+            problem = _check_event(stream, event_id, payload, stored_digest)
+            if problem is None and linked:
+                previous_hash = GENESIS_HASH if prev is None else prev[1]
+                if chain_hash(previous_hash, version, event_id, stored_digest) != stored_hash:
+                    problem = "stored hash does not match the hash chain"
+            if problem is not None:
+                report.problems.append(
+                    Problem("HASH_MISMATCH", f"{where}: {problem}", stream, position, version)
+                )
+            last[stream] = (version, stored_hash, position)
+        key = (rows[-1][1], rows[-1][2])
+
+
+def _check_event(stream: str, event_id: str, payload: str, stored_digest: bytes) -> str | None:
+    try:
+        event = event_from_stored(orjson.loads(payload))
+    except (ValidationError, orjson.JSONDecodeError) as exc:
+        first = str(exc).splitlines()[0]
+        return f"payload is no longer a valid event ({first})"
+    _, digest = encode_event(event)
+    if digest != stored_digest:
+        return "content digest of the stored payload does not match (payload edited)"
+    if event.stream != stream:
+        return f"payload belongs to stream {event.stream!r}"
+    if event.event_id != event_id:
+        return f"payload's event id is {event.event_id}, the row says {event_id}"
+    return None
+
+
+async def _verify_heads(
+    conn: asyncpg.Connection, report: VerifyReport, last: dict[str, tuple[int, bytes, int]]
+) -> None:
+    heads = {r[0]: (r[1], bytes(r[2])) for r in await conn.fetch(_HEADS)}
+    for stream in sorted(heads.keys() | last.keys()):
+        head = heads.get(stream)
+        seen = last.get(stream)
+        if head is None:
+            assert seen is not None
+            report.problems.append(
+                Problem(
+                    "HEAD_MISMATCH",
+                    f"stream {stream!r}: the log holds versions up to {seen[0]} but the stream "
+                    "has no head row",
+                    stream,
+                    seen[2],
+                )
+            )
+        elif seen is None:
+            report.problems.append(
+                Problem(
+                    "HEAD_MISMATCH",
+                    f"stream {stream!r}: its head is at version {head[0]} but the log holds "
+                    f"none of its events (versions 1..{head[0]} deleted)",
+                    stream,
+                    None,
+                    1,
+                )
+            )
+        elif head[0] != seen[0] or head[1] != seen[1]:
+            if head[0] > seen[0]:
+                message = (
+                    f"stream {stream!r}: its head is at version {head[0]} but the log ends at "
+                    f"version {seen[0]} (global position {seen[2]}): versions "
+                    f"{seen[0] + 1}..{head[0]} deleted from its tail"
+                )
+            else:
+                message = (
+                    f"stream {stream!r}: its head (version {head[0]}) does not match the "
+                    f"log's last event (version {seen[0]}, global position {seen[2]})"
+                )
+            report.problems.append(Problem("HEAD_MISMATCH", message, stream, seen[2], seen[0]))
+
+
+async def _verify_seals(conn: asyncpg.Connection, report: VerifyReport) -> None:
+    seals: list[tuple[int, LogSealed]] = []
+    for position, payload in await conn.fetch(_SEALS):
+        try:
+            event = event_from_stored(orjson.loads(payload))
+        except ValidationError:
+            continue  # reported by the chain check
+        if isinstance(event, LogSealed):
+            seals.append((position, event))
+    report.seals = len(seals)
+    if not seals:
+        return
+    tx_of = {r[0]: r[1] for r in await conn.fetch(_TX_OF, [s.through_position for _, s in seals])}
+    pending: dict[tuple[int, int], list[tuple[int, LogSealed]]] = defaultdict(list)
+    for position, seal in seals:
+        tx = tx_of.get(seal.through_position)
+        if tx is None:
+            report.problems.append(
+                Problem(
+                    "SEAL_MISMATCH",
+                    f"seal at global position {position}: the event it ends at (global "
+                    f"position {seal.through_position}) is no longer in the log",
+                    "seal/log",
+                    seal.through_position,
+                )
+            )
+            continue
+        pending[(tx, seal.through_position)].append((position, seal))
+    if not pending:
+        return
+    end = max(pending)
+    digest = GENESIS_HASH
+    count = 0
+    tx, pos = 0, 0
+    xmin = end[0] + 1
+    while (tx, pos) < end:
+        rows = await conn.fetch(_SEAL_PAGE, str(tx), pos, str(xmin), _PAGE)
+        if not rows:
+            break
+        for row_tx, position, event_id, event_hash, _kind in rows:
+            if (row_tx, position) > end:
+                break
+            digest = _seal_step(digest, position, event_id, bytes(event_hash))
+            count += 1
+            for seal_position, seal in pending.get((row_tx, position), ()):
+                if count != seal.event_count or digest.hex() != seal.digest:
+                    report.problems.append(
+                        Problem(
+                            "SEAL_MISMATCH",
+                            f"seal at global position {seal_position} (through global "
+                            f"position {seal.through_position}): it sealed "
+                            f"{seal.event_count} events, the log now holds {count} up to that "
+                            "point"
+                            + (
+                                ""
+                                if count != seal.event_count
+                                else " with a different digest (an event was edited, "
+                                "replaced or reordered)"
+                            ),
+                            "seal/log",
+                            seal.through_position,
+                        )
+                    )
+        tx, pos = rows[-1][0], rows[-1][1]
+
+
+def _comparable(state: PositionState) -> dict[str, object]:
+    data = state.to_json()
+    for key in ("signed_qty", "realized_fifo", "realized_wac", "fees", "wac_basis"):
+        data[key] = _text(Decimal(str(data[key])))
+    return data
+
+
+async def _verify_projections(conn: asyncpg.Connection, report: VerifyReport) -> None:
+    generation = await serving_generation(conn)
+    if generation is None:
+        return
+    projected = {r[0]: r[1] for r in await conn.fetch(_PROJECTED, generation)}
+    streams = [r[0] for r in await conn.fetch(_FILL_STREAMS)]
+    for stream in sorted(set(streams) | projected.keys()):
+        report.projections_checked += 1
+        try:
+            fresh = (
+                await stream_at(conn, generation, stream, "now", None, with_effects=True)
+            ).state
+        except Exception as exc:  # a tampered log may not replay at all
+            report.problems.append(
+                Problem("PROJECTION_MISMATCH", f"stream {stream!r}: cannot replay ({exc})", stream)
+            )
+            continue
+        stored = projected.get(stream)
+        if stored is None:
+            report.problems.append(
+                Problem(
+                    "PROJECTION_MISMATCH",
+                    f"stream {stream!r}: has fills but no projected position",
+                    stream,
+                )
+            )
+            continue
+        state = PositionState.from_json(orjson.loads(stored))
+        if _comparable(state) != _comparable(fresh):
+            report.problems.append(
+                Problem(
+                    "PROJECTION_MISMATCH",
+                    f"stream {stream!r}: projected position (signed_qty "
+                    f"{_text(state.signed_qty)}, realized {_text(state.realized_fifo)}) differs "
+                    f"from a fresh replay (signed_qty {_text(fresh.signed_qty)}, realized "
+                    f"{_text(fresh.realized_fifo)})",
+                    stream,
+                )
+            )
+
+
+def problems_as_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
+    """Return problems as output rows."""
+    return [
+        {
+            "kind": p.kind,
+            "stream": p.stream,
+            "global_position": p.global_position,
+            "stream_version": p.stream_version,
+            "message": p.message,
+        }
+        for p in problems
+    ]

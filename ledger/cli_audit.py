@@ -1,0 +1,442 @@
+"""The audit commands of the ``ledger`` CLI: reconcile, trail, explain, verify, report.
+
+They register themselves on :data:`ledger.cli.app` when this module is imported (the
+CLI module imports it at its end). Exit statuses: 0 clean; 2 a usage or input error;
+``reconcile`` 3 when there are breaks; ``verify`` 1 when it finds tamper evidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+
+import asyncpg
+import typer
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger.audit import (
+    AuditError,
+    VerifyReport,
+    append_seal,
+    explain,
+    problems_as_rows,
+    trail,
+    verify,
+)
+from ledger.cli import (
+    AsKnownAt,
+    AsOf,
+    FormatOption,
+    OutputFormat,
+    TableOrJson,
+    app,
+    clock_of,
+    dumps,
+    emit_rows,
+    err,
+    open_engine,
+    out,
+    parse_day,
+    parse_time,
+    run,
+)
+from ledger.events import LogSealed, ReconciliationCompleted
+from ledger.reconcile import (
+    BrokerStatement,
+    Proposal,
+    ReconciliationError,
+    load_run,
+    parse_statement,
+    reconcile,
+    record_run,
+    run_as_dict,
+)
+from ledger.settings import Settings
+from ledger.store import EventStore, driver_connection
+from ledger.values import to_decimal
+from projections.runner import ProjectionRunner, parse_session
+
+__all__ = [
+    "explain_command",
+    "reconcile_command",
+    "report_command",
+    "trail_command",
+    "verify_command",
+]
+
+EXIT_BREAKS = 3
+EXIT_TAMPERED = 1
+
+
+@asynccontextmanager
+async def _session(
+    settings: Settings,
+) -> AsyncIterator[tuple[AsyncEngine, asyncpg.Connection]]:
+    """Yield an engine and one asyncpg connection on the migrated database."""
+    async with open_engine(settings) as engine, engine.connect() as sa_conn:
+        yield engine, await driver_connection(sa_conn)
+
+
+def _decimal_option(value: str | None, option: str) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        return to_decimal(value)
+    except ValueError as exc:
+        err.print(f"[bold red]error:[/] {option}: {exc}")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(2)
+
+
+# -------------------------------------------------------------------- reconcile
+
+
+def _proposal_row(p: Proposal) -> dict[str, Any]:
+    return {
+        "break_id": p.break_id,
+        "account": p.account,
+        "contract": p.contract,
+        "side": p.side,
+        "qty": str(p.qty),
+        "price": None if p.price is None else str(p.price),
+        "note": p.note,
+    }
+
+
+def _print_run(
+    event: ReconciliationCompleted, proposals: tuple[Proposal, ...] | None, fmt: OutputFormat
+) -> None:
+    data = run_as_dict(event)
+    if fmt == OutputFormat.json:
+        if proposals is not None:
+            data["proposals"] = [_proposal_row(p) for p in proposals]
+        print(dumps(data))
+        return
+    rows = [{**b, "exec_ids": " ".join(b["exec_ids"])} for b in data["breaks"]]
+    if fmt == OutputFormat.csv:
+        columns = [
+            "break_id",
+            "type",
+            "account",
+            "contract",
+            "ledger_value",
+            "broker_value",
+            "difference",
+            "tolerance",
+            "exec_ids",
+            "detail",
+        ]
+        emit_rows([{c: r[c] for c in columns} for r in rows], fmt)
+        return
+    out.print(
+        f"reconciliation {event.run_id} at {event.cutoff.isoformat()} against {event.source}: "
+        f"{event.matched} matched, {len(event.breaks)} break(s)",
+        highlight=False,
+    )
+    if rows:
+        emit_rows(rows, fmt, title="Breaks")
+    if proposals:
+        emit_rows([_proposal_row(p) for p in proposals], fmt, title="Proposed fills (not appended)")
+
+
+@app.command("reconcile")
+def reconcile_command(
+    cutoff: Annotated[
+        str | None,
+        typer.Option(help="Reconcile as of this time (ISO-8601 or a date: its end). Default: now."),
+    ] = None,
+    broker_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--broker-file",
+            help="A broker statement: CSV account,contract,signed_qty,avg_price or a "
+            "ProjectX searchOpen JSON response. Default: the log's broker_position events.",
+        ),
+    ] = None,
+    price_tolerance: Annotated[
+        str | None,
+        typer.Option(
+            help="Largest average-price difference that is not a break (default: "
+            "half a tick of the instrument)."
+        ),
+    ] = None,
+    pnl_tolerance: Annotated[
+        str,
+        typer.Option(help="Largest daily realized P&L difference that is not a break."),
+    ] = "0.01",
+    propose: Annotated[
+        bool,
+        typer.Option("--propose", help="Print the fill that would close each quantity break."),
+    ] = False,
+    show: Annotated[
+        str | None, typer.Option("--show", help="Reprint a stored run by its run id.")
+    ] = None,
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
+    """Compare the ledger's positions with the broker's and record the breaks (never repairs).
+
+    Exit status 0 when clean, 3 when there are breaks.
+    """
+    if show is not None and (cutoff or broker_file):
+        raise _fail("--show reprints a stored run: give it without --cutoff or --broker-file")
+    at = parse_time(cutoff, "--cutoff") if cutoff else datetime.now(UTC)
+    assert at is not None
+    price_tol = _decimal_option(price_tolerance, "--price-tolerance")
+    pnl_tol = _decimal_option(pnl_tolerance, "--pnl-tolerance")
+    assert pnl_tol is not None
+    statement: BrokerStatement | None = None
+    if broker_file is not None:
+        try:
+            data = broker_file.read_bytes()
+        except OSError as exc:
+            raise _fail(
+                f"--broker-file: cannot read {str(broker_file)!r}: {exc.strerror}"
+            ) from None
+        try:
+            statement = parse_statement(data, broker_file.name)
+        except ReconciliationError as exc:
+            raise _fail(f"--broker-file: {exc}") from None
+
+    async def _reconcile() -> tuple[ReconciliationCompleted, tuple[Proposal, ...] | None]:
+        settings = Settings()
+        async with _session(settings) as (engine, conn):
+            if show is not None:
+                return await load_run(conn, show), None
+            start, zone = parse_session(settings.session_start)
+            try:
+                result = await reconcile(
+                    conn,
+                    cutoff=at,
+                    statement=statement,
+                    price_tolerance=price_tol,
+                    pnl_tolerance=pnl_tol,
+                    session_start=start,
+                    session_tz=zone,
+                )
+            except LookupError as exc:
+                raise ReconciliationError(str(exc)) from None
+            await record_run(EventStore(engine), result.event)
+            return result.event, result.proposals
+
+    event, proposals = run(_reconcile())
+    _print_run(event, proposals if propose else None, fmt)
+    if event.breaks:
+        raise typer.Exit(EXIT_BREAKS)
+
+
+# ------------------------------------------------------------------ trail/explain
+
+_TRAIL_TABLE_COLUMNS = [
+    "seq",
+    "position",
+    "type",
+    "exec_id",
+    "occurred_at",
+    "side",
+    "qty",
+    "price",
+    "status",
+    "qty_after",
+    "realized_pnl",
+    "cum_realized_pnl",
+    "restated",
+    "detail",
+]
+
+
+@app.command("trail")
+def trail_command(
+    account: Annotated[str, typer.Option(help="The account.")],
+    contract: Annotated[str, typer.Option(help="The contract.")],
+    as_of: AsOf = None,
+    as_known_at: AsKnownAt = None,
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
+    """Show every event that made a position, in fold order, with busts and restatements."""
+    clock, at = clock_of(as_of, as_known_at)
+
+    async def _trail() -> list[dict[str, Any]]:
+        async with _session(Settings()) as (_engine, conn):
+            try:
+                return await trail(conn, account, contract, clock=clock, at=at)
+            except LookupError as exc:
+                raise AuditError(str(exc)) from None
+
+    rows = run(_trail())
+    if fmt == OutputFormat.table:
+        rows = [{c: r[c] for c in _TRAIL_TABLE_COLUMNS} for r in rows]
+    emit_rows(rows, fmt, title=f"Trail of {account}/{contract}")
+
+
+@app.command("explain")
+def explain_command(
+    account: Annotated[str, typer.Option(help="The account.")],
+    contract: Annotated[str, typer.Option(help="The contract.")],
+    as_of: AsOf = None,
+    as_known_at: AsKnownAt = None,
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
+    """Show a position at T and the FIFO lots that make it up, each traced to its fill."""
+    clock, at = clock_of(as_of, as_known_at)
+
+    async def _explain() -> dict[str, Any]:
+        async with _session(Settings()) as (_engine, conn):
+            try:
+                return await explain(conn, account, contract, clock=clock, at=at)
+            except LookupError as exc:
+                raise AuditError(str(exc)) from None
+
+    result = run(_explain())
+    lots = result.pop("lots")
+    if fmt == OutputFormat.json:
+        print(dumps({**result, "lots": lots}))
+        return
+    if fmt == OutputFormat.csv:
+        emit_rows(lots, fmt)
+        return
+    emit_rows([result], fmt, title=f"Position {account}/{contract}")
+    emit_rows(lots, fmt, title="Open FIFO lots")
+
+
+# -------------------------------------------------------------------- verify
+
+
+def _seal_row(seal: LogSealed) -> dict[str, Any]:
+    return {
+        "through_position": seal.through_position,
+        "event_count": seal.event_count,
+        "digest": seal.digest,
+        "occurred_at": seal.occurred_at.isoformat(),
+    }
+
+
+@app.command("verify")
+def verify_command(
+    seal: Annotated[
+        bool,
+        typer.Option("--seal", help="When the log verifies, append a seal over it."),
+    ] = False,
+    projections: Annotated[
+        bool,
+        typer.Option(
+            "--projections/--no-projections",
+            help="Also compare the projections with a fresh replay (caught up first).",
+        ),
+    ] = True,
+    fmt: Annotated[
+        TableOrJson, typer.Option("--format", "-f", help="Output format.")
+    ] = TableOrJson.table,
+) -> None:
+    """Recompute the hash chains and seals; find edited, deleted and truncated events.
+
+    Exit status 0 when the log verifies, 1 when it finds tamper evidence.
+    """
+
+    async def _verify() -> tuple[VerifyReport, LogSealed | None, str | None]:
+        settings = Settings()
+        async with open_engine(settings) as engine:
+            caught_up_error = None
+            if projections:
+                try:
+                    await ProjectionRunner(engine, settings).catch_up()
+                except Exception as exc:  # a tampered log may not project at all
+                    caught_up_error = f"projections cannot catch up: {exc}"
+            async with engine.connect() as sa_conn:
+                conn = await driver_connection(sa_conn)
+                report = await verify(conn, check_projections=projections)
+            sealed = await append_seal(engine) if seal and report.ok else None
+        return report, sealed, caught_up_error
+
+    report, sealed, caught_up_error = run(_verify())
+    problems = problems_as_rows(report.problems)
+    if caught_up_error:
+        problems.append(
+            {
+                "kind": "PROJECTION_MISMATCH",
+                "stream": None,
+                "global_position": None,
+                "stream_version": None,
+                "message": caught_up_error,
+            }
+        )
+    ok = not problems
+    if fmt == TableOrJson.json:
+        print(
+            dumps(
+                {
+                    "ok": ok,
+                    "events": report.events,
+                    "streams": report.streams,
+                    "seals": report.seals,
+                    "projections_checked": report.projections_checked,
+                    "problems": problems,
+                    "seal": None if sealed is None else _seal_row(sealed),
+                }
+            )
+        )
+    else:
+        out.print(
+            f"checked {report.events} events in {report.streams} streams, {report.seals} "
+            f"seal(s), {report.projections_checked} projected position(s)",
+            highlight=False,
+        )
+        if problems:
+            emit_rows(problems, fmt, title="Tamper evidence")
+            out.print(f"[bold red]FAILED:[/] {len(problems)} problem(s)", highlight=False)
+        else:
+            out.print("[bold green]OK[/]: every hash chain, stream head and seal verifies")
+        if sealed is not None:
+            out.print(
+                f"sealed {sealed.event_count} events through global position "
+                f"{sealed.through_position}: {sealed.digest}",
+                highlight=False,
+            )
+        elif seal and ok:
+            out.print("[dim]nothing new to seal[/]")
+        elif seal:
+            out.print("[yellow]not sealed: the log does not verify[/]")
+    if not ok:
+        raise typer.Exit(EXIT_TAMPERED)
+
+
+# -------------------------------------------------------------------- report
+
+
+@app.command("report")
+def report_command(
+    day: Annotated[str, typer.Option("--date", help="The trading day (YYYY-MM-DD).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the files into.")],
+    as_known_at: AsKnownAt = None,
+) -> None:
+    """Write the end-of-day report: a self-contained HTML page, plus CSV and Parquet tables."""
+    trading_day = parse_day(day, "--date")
+    assert trading_day is not None
+    known = parse_time(as_known_at, "--as-known-at")
+
+    async def _report() -> list[Path]:
+        from ledger.report import build_report, write_report  # polars only when reporting
+
+        settings = Settings()
+        start, zone = parse_session(settings.session_start)
+        async with _session(settings) as (_engine, conn):
+            try:
+                report = await build_report(
+                    conn, trading_day, session_start=start, session_tz=zone, as_known_at=known
+                )
+            except LookupError as exc:
+                raise AuditError(str(exc)) from None
+        try:
+            return write_report(report, out_dir)
+        except OSError as exc:
+            raise AuditError(f"--out: cannot write into {str(out_dir)!r}: {exc}") from None
+
+    for path in run(_report()):
+        out.print(str(path), highlight=False)

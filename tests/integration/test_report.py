@@ -1,0 +1,261 @@
+"""The end-of-day report on a real PostgreSQL, rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import re
+import shutil
+import struct
+import subprocess
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+import ledger.cli_audit  # registers the audit commands on the app
+from ledger.cli import app
+from ledger.db import make_engine, plain_url
+from ledger.events import parse_event
+from ledger.store import EventStore
+
+ES = "CON.F.US.EP.Z26"  # point value 50
+NQ = "CON.F.US.ENQ.Z26"  # tick 0.25, tick value 5: point value 20
+DAY = "2026-11-23"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def at(clock: str, day: str = DAY) -> str:
+    return f"{day}T{clock}Z"
+
+
+def fill(
+    account: str,
+    exec_id: str,
+    side: str,
+    qty: str,
+    price: str,
+    clock: str,
+    contract: str = ES,
+    day: str = DAY,
+) -> dict[str, Any]:
+    return {
+        "type": "fill",
+        "account": account,
+        "contract": contract,
+        "exec_id": exec_id,
+        "side": side,
+        "qty": qty,
+        "price": price,
+        "fee": "2.10",
+        "occurred_at": at(clock, day),
+    }
+
+
+DAY_EVENTS: list[dict[str, Any]] = [
+    {"type": "instrument", "contract": ES, "tick_size": "0.25", "tick_value": "12.50"},
+    {"type": "instrument", "contract": NQ, "tick_size": "0.25", "tick_value": "5"},
+    # the day before: an open position carried into the day
+    fill("ACC-1", "E-0", "BUY", "1", "4990.00", "15:00:00", day="2026-11-22"),
+    fill("ACC-1", "E-1", "BUY", "2", "5000.00", "09:00:00"),
+    fill("ACC-1", "E-2", "SELL", "2", "5004.25", "10:30:00"),  # closes E-0 and one of E-1
+    fill("ACC-1", "E-3", "SELL", "1", "4998.00", "13:15:00"),  # closes E-1's last: -100
+    fill("ACC-1", "N-1", "SELL", "3", "18000.00", "09:45:00", contract=NQ),
+    fill("ACC-1", "N-2", "BUY", "1", "17990.50", "14:00:00", contract=NQ),
+    fill("ACC-2", "F-1", "SELL", "1", "5002.00", "11:00:00"),
+    fill("ACC-2", "F-2", "BUY", "1", "4995.50", "15:30:00"),
+    fill("ACC-2", "F-3", "BUY", "2", "4996.00", "16:00:00"),
+    {"type": "mark", "contract": ES, "price": "4999.00", "occurred_at": at("20:59:00")},
+    {"type": "mark", "contract": NQ, "price": "17980.00", "occurred_at": at("20:59:00")},
+    {
+        "type": "broker_position",
+        "account": "ACC-1",
+        "contract": NQ,
+        "signed_qty": "-2",
+        "avg_price": "18000.00",
+        "occurred_at": at("20:00:00"),
+    },
+    {
+        "type": "broker_position",
+        "account": "ACC-2",
+        "contract": ES,
+        "signed_qty": "1",
+        "avg_price": "4996.00",
+        "occurred_at": at("20:00:00"),
+    },
+]
+
+
+def seed(db_url: str, records: list[dict[str, Any]]) -> None:
+    async def _seed() -> None:
+        engine = make_engine(db_url)
+        try:
+            store = EventStore(engine)
+            for record in records:
+                await store.append([parse_event(record)])
+        finally:
+            await engine.dispose()
+
+    asyncio.run(_seed())
+
+
+def fetchval(db_url: str, sql: str) -> Any:
+    async def _fetch() -> Any:
+        conn = await asyncpg.connect(plain_url(db_url))
+        try:
+            return await conn.fetchval(sql)
+        finally:
+            await conn.close()
+
+    return asyncio.run(_fetch())
+
+
+def ledger(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def chromium(page: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'chrome'}",
+            *extra,
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_eod_report_files_hold_the_days_numbers(
+    cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    seed(db_url, DAY_EVENTS)
+    run = ledger("reconcile", "--cutoff", at("21:00:00"), "--format", "json")
+    assert run.exit_code == 3, run.output  # ACC-2 holds 2 in the ledger, 1 at the broker
+    out = tmp_path / "eod"
+    result = ledger("report", "--date", DAY, "--out", str(out))
+    assert result.exit_code == 0, (result.output, result.exception)
+    stem = f"eod-{DAY}"
+    for name in ("positions", "pnl", "breaks", "pnl-curve"):
+        assert (out / f"{stem}-{name}.csv").is_file()
+        assert (out / f"{stem}-{name}.parquet").is_file()
+
+    pnl = {(r["account"], r["contract"]): r for r in read_csv(out / f"{stem}-pnl.csv")}
+    # ES ACC-1: E-2 closes E-0 (+14.25 x 50) and one E-1 (+4.25 x 50); E-3 closes E-1 (-2 x 50)
+    assert pnl[("ACC-1", ES)]["realized_pnl"] == "825"
+    assert pnl[("ACC-1", ES)]["fees"] == "6.3"
+    assert pnl[("ACC-1", ES)]["net_realized_pnl"] == "818.7"
+    assert pnl[("ACC-1", NQ)]["realized_pnl"] == "190"  # (18000 - 17990.50) x 20
+    assert pnl[("ACC-2", ES)]["realized_pnl"] == "325"  # (5002 - 4995.50) x 50
+    positions = {(r["account"], r["contract"]): r for r in read_csv(out / f"{stem}-positions.csv")}
+    assert positions[("ACC-1", ES)]["signed_qty"] == "0"
+    assert (positions[("ACC-1", NQ)]["signed_qty"], positions[("ACC-1", NQ)]["unrealized_pnl"]) == (
+        "-2",
+        "800",
+    )
+    assert positions[("ACC-2", ES)]["avg_open_price"] == "4996"
+    breaks = read_csv(out / f"{stem}-breaks.csv")
+    assert [(b["type"], b["account"], b["exec_ids"]) for b in breaks] == [
+        ("POSITION_QTY_BREAK", "ACC-2", "F-1 F-2 F-3")
+    ]
+    curve = read_csv(out / f"{stem}-pnl-curve.csv")
+    assert [c["exec_id"] for c in curve] == ["E-2", "E-3", "N-2", "F-2"]
+    assert curve[-1]["cum_realized_pnl_total"] == "1340"
+
+    parquet = pl.read_parquet(out / f"{stem}-pnl.parquet")
+    assert isinstance(parquet.schema["realized_pnl"], pl.Decimal)
+    assert sum(parquet["realized_pnl"].to_list()) == Decimal("1340")
+    assert pl.read_parquet(out / f"{stem}-breaks.parquet").height == 1
+
+    # a bust that lands after the day: the report as known then stays reproducible
+    known_at = str(fetchval(db_url, "SELECT max(recorded_at) FROM events").isoformat())
+    seed(
+        db_url,
+        [
+            {
+                "type": "bust",
+                "account": "ACC-2",
+                "contract": ES,
+                "exec_id": "F-2",
+                "occurred_at": at("09:00:00", "2026-11-24"),
+            }
+        ],
+    )
+    ledger("report", "--date", DAY, "--out", str(tmp_path / "after"))
+    after = {
+        (r["account"], r["contract"]): r for r in read_csv(tmp_path / "after" / f"{stem}-pnl.csv")
+    }
+    assert after[("ACC-2", ES)]["realized_pnl"] == "300"  # F-3 now closes F-1 at 4996
+    known = ledger(
+        "report", "--date", DAY, "--out", str(tmp_path / "then"), "--as-known-at", known_at
+    )
+    assert known.exit_code == 0, known.output
+    assert (tmp_path / "then" / f"{stem}-pnl.csv").read_text() == (
+        out / f"{stem}-pnl.csv"
+    ).read_text()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_eod_report_renders_in_headless_chromium(
+    cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    seed(db_url, DAY_EVENTS)
+    ledger("reconcile", "--cutoff", at("21:00:00"))
+    out = tmp_path / "eod"
+    assert ledger("report", "--date", DAY, "--out", str(out)).exit_code == 0
+    page = out / f"eod-{DAY}.html"
+    source = page.read_text()
+    # self-contained: nothing to fetch, no script at all
+    assert "<script" not in source
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", source)
+    assert "@import" not in source and "url(" not in source
+
+    dom = chromium(page, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr
+    html = dom.stdout
+    for table in ("positions", "pnl-accounts", "pnl", "breaks"):
+        assert f'<table id="{table}">' in html, table
+    assert html.count("<tr>") == 1 + 3 + 1 + 2 + 1 + 3 + 1 + 1  # heads + rows per table
+    assert 'id="pnl-chart"' in html
+    assert len(re.findall(r'<path class="series"', html)) == 3  # ACC-1, ACC-2 and total
+    assert len(re.findall(r"<circle ", html)) == 4  # one per realizing fill
+    assert "POSITION_QTY_BREAK" in html
+
+    shot = tmp_path / "report.png"
+    result = chromium(
+        page, tmp_path, f"--screenshot={shot}", "--window-size=1280,1600", "--hide-scrollbars"
+    )
+    assert result.returncode == 0, result.stderr
+    assert shot.is_file() and shot.stat().st_size > 30_000
+    assert png_size(shot) == (1280, 1600)
+    keep = os.environ.get("LEDGER_TEST_SCREENSHOT")  # to look at it after the run
+    if keep:
+        shutil.copy(shot, keep)
