@@ -55,11 +55,16 @@ def make_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
         async_url(url),
         pool_size=pool_size,
         max_overflow=10,
-        pool_pre_ping=True,
+        # no pre-ping: it costs three round trips a checkout; a connection lost to a
+        # server restart fails its statement, and the callers that live long (the
+        # runner, the consumer) retry with backoff
+        pool_pre_ping=False,
         connect_args={
             "server_settings": {
                 "application_name": "position-ledger",
                 "idle_in_transaction_session_timeout": "300000",
+                # a generic plan made while the log was small would scan it forever
+                "plan_cache_mode": "force_custom_plan",
             }
         },
     )

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import struct
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -125,7 +124,10 @@ def encode_event(event: Event) -> tuple[str, bytes]:
 def chain_hash(previous: bytes, stream_version: int, event_id: str, digest: bytes) -> bytes:
     """Return an event's link in its stream's hash chain."""
     return hashlib.sha256(
-        previous + struct.pack(">q", stream_version) + uuid.UUID(event_id).bytes + digest
+        previous
+        + struct.pack(">q", stream_version)
+        + bytes.fromhex(event_id.replace("-", ""))
+        + digest
     ).digest()
 
 
@@ -134,6 +136,7 @@ SELECT stream, version, last_hash FROM streams
 WHERE stream = ANY($1::text[]) ORDER BY stream FOR UPDATE
 """
 _LOCK_HEADS_NOWAIT = _LOCK_HEADS + " NOWAIT"
+_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '100ms'"
 _CREATE_HEADS = """
 INSERT INTO streams (stream, version, last_hash)
 SELECT s, 0, $2::bytea FROM unnest($1::text[]) AS s
@@ -165,18 +168,21 @@ ORDER BY stream_version LIMIT $3
 """
 # Only transactions older than the oldest still running are complete: rows from a
 # transaction that commits later get a position below ours but are read after it.
+# ORDER BY names the table's columns: the select list casts tx_id under the same name,
+# and ordering by that cast would sort the whole remaining log instead of walking the
+# (tx_id, global_position) index up to the LIMIT.
 _READ_ALL = f"""
 SELECT {_COLUMNS} FROM events
 WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY tx_id, global_position LIMIT $3
+ORDER BY events.tx_id, events.global_position LIMIT $3
 """
 _READ_ALL_LIGHT = """
 SELECT global_position, tx_id::text::bigint, stream, type, payload::text, recorded_at
 FROM events
 WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY tx_id, global_position LIMIT $3
+ORDER BY events.tx_id, events.global_position LIMIT $3
 """
 
 
@@ -283,12 +289,20 @@ class EventStore:
         names = sorted({e.stream for e in encoded})
         nowait = bool(expected_versions)
         try:
-            heads = await self._lock_heads(conn, names, nowait=nowait)
-            missing = sorted(set(names) - {r[0] for r in heads})
-            if missing:
-                await conn.execute(_CREATE_HEADS, missing, GENESIS_HASH)
-                heads += await self._lock_heads(conn, missing, nowait=nowait)
-        except asyncpg.LockNotAvailableError:
+            if nowait:
+                # fail fast on a busy stream, never wait: first the heads that exist ...
+                await conn.execute(_LOCK_TIMEOUT)
+                heads = await self._lock_heads(conn, names, nowait=True)
+                missing = sorted(set(names) - {r[0] for r in heads})
+                if missing:  # ... then new streams
+                    await conn.execute(_CREATE_HEADS, missing, GENESIS_HASH)
+                    heads += await self._lock_heads(conn, missing, nowait=True)
+            else:
+                # Create every missing head, then lock all, each in stream order: a
+                # writer holds no head while it creates, so two writers cannot deadlock.
+                await conn.execute(_CREATE_HEADS, names, GENESIS_HASH)
+                heads = await self._lock_heads(conn, names, nowait=False)
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
             busy = min(expected_versions or {"?": 0})
             raise ConcurrencyError(busy, (expected_versions or {}).get(busy, 0), None) from None
         version = {r[0]: r[1] for r in heads}

@@ -43,11 +43,14 @@ def upgrade() -> None:
         sa.CheckConstraint("stream_version > 0", name="ck_events_stream_version_positive"),
     )
     # The writing transaction's id orders reads so that a late commit is never skipped.
-    op.execute(
-        "ALTER TABLE events ADD COLUMN tx_id xid8 NOT NULL DEFAULT pg_current_xact_id()"
-    )
+    op.execute("ALTER TABLE events ADD COLUMN tx_id xid8 NOT NULL DEFAULT pg_current_xact_id()")
     op.create_index("ix_events_tx_id_global_position", "events", ["tx_id", "global_position"])
     op.create_index("ix_events_recorded_at", "events", ["recorded_at"])
+    # A log grows by appends only: keep its statistics fresh so plans use the indexes.
+    op.execute(
+        "ALTER TABLE events SET (autovacuum_analyze_scale_factor = 0.01, "
+        "autovacuum_analyze_threshold = 1000, autovacuum_vacuum_insert_scale_factor = 0.05)"
+    )
 
     op.create_table(
         "streams",

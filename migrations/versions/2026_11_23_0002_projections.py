@@ -17,7 +17,13 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 APP_ROLE = "ledger_app"
-TABLES = ("projection_checkpoint", "proj_positions", "proj_history", "proj_pnl_daily", "proj_snapshots")
+TABLES = (
+    "projection_checkpoint",
+    "proj_positions",
+    "proj_history",
+    "proj_pnl_daily",
+    "proj_snapshots",
+)
 
 
 def upgrade() -> None:
@@ -113,7 +119,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("generation", "stream", "position", "kind", name="pk_proj_history"),
         sa.CheckConstraint("kind IN ('detail', 'eod')", name="ck_proj_history_kind"),
     )
-    op.create_index("ix_proj_history_generation_kind_day", "proj_history", ["generation", "kind", "day"])
+    op.create_index(
+        "ix_proj_history_generation_kind_day", "proj_history", ["generation", "kind", "day"]
+    )
     op.create_table(
         "proj_pnl_daily",
         sa.Column("generation", sa.Integer(), nullable=False),
@@ -150,14 +158,11 @@ def upgrade() -> None:
         "proj_snapshots",
         ["generation", "stream", "known_recorded_at"],
     )
-    # Time travel reads one stream's tail after a snapshot's position.
-    op.create_index("ix_events_stream_global_position", "events", ["stream", "global_position"])
     for table in TABLES:
         op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {APP_ROLE}")
 
 
 def downgrade() -> None:
-    op.drop_index("ix_events_stream_global_position", table_name="events")
     op.drop_table("proj_snapshots")
     op.drop_table("proj_pnl_daily")
     op.drop_table("proj_history")
