@@ -131,33 +131,40 @@ def chain_hash(previous: bytes, stream_version: int, event_id: str, digest: byte
     ).digest()
 
 
-_LOCK_HEADS = """
-SELECT stream, version, last_hash FROM streams
-WHERE stream = ANY($1::text[]) ORDER BY stream FOR UPDATE
+# Lock the batch's stream heads (in stream order) and look its event ids up, in one trip.
+_LOCK_AND_FIND = """
+WITH heads AS (
+    SELECT stream, version, last_hash FROM streams
+    WHERE stream = ANY($1::text[]) ORDER BY stream FOR UPDATE{nowait}
+)
+SELECT true, stream, version, last_hash, NULL::bigint, NULL::text FROM heads
+UNION ALL
+SELECT false, event_id::text, NULL::int, content_digest, global_position, stream FROM events
+WHERE event_id = ANY($2::uuid[])
 """
-_LOCK_HEADS_NOWAIT = _LOCK_HEADS + " NOWAIT"
+_LOCK_AND_FIND_WAIT = _LOCK_AND_FIND.format(nowait="")
+_LOCK_AND_FIND_NOWAIT = _LOCK_AND_FIND.format(nowait=" NOWAIT")
 _LOCK_TIMEOUT = "SET LOCAL lock_timeout = '100ms'"
 _CREATE_HEADS = """
 INSERT INTO streams (stream, version, last_hash)
 SELECT s, 0, $2::bytea FROM unnest($1::text[]) AS s
 ON CONFLICT (stream) DO NOTHING
 """
-_FIND_IDS = """
-SELECT event_id::text, content_digest, global_position, stream FROM events
-WHERE event_id = ANY($1::uuid[])
-"""
-_INSERT = """
-INSERT INTO events (stream, stream_version, event_id, type, schema_version, payload,
-                    occurred_at, causation_id, correlation_id, content_digest, hash)
-SELECT s, v, e, t, sv, p::jsonb, coalesce(o, now()), $8::uuid, $9::uuid, d, h
-FROM unnest($1::text[], $2::int[], $3::uuid[], $4::text[], $5::int2[], $6::text[],
-            $7::timestamptz[], $10::bytea[], $11::bytea[]) AS x(s, v, e, t, sv, p, o, d, h)
-RETURNING event_id::text, global_position
-"""
-_MOVE_HEADS = """
-UPDATE streams SET version = x.v, last_hash = x.h
-FROM unnest($1::text[], $2::int[], $3::bytea[]) AS x(s, v, h)
-WHERE streams.stream = x.s
+# Insert the new events and move their streams' heads, in one trip.
+_INSERT_AND_MOVE = """
+WITH inserted AS (
+    INSERT INTO events (stream, stream_version, event_id, type, schema_version, payload,
+                        occurred_at, causation_id, correlation_id, content_digest, hash)
+    SELECT s, v, e, t, sv, p::jsonb, coalesce(o, now()), $8::uuid, $9::uuid, d, h
+    FROM unnest($1::text[], $2::int[], $3::uuid[], $4::text[], $5::int2[], $6::text[],
+                $7::timestamptz[], $10::bytea[], $11::bytea[]) AS x(s, v, e, t, sv, p, o, d, h)
+    RETURNING event_id::text, global_position
+), moved AS (
+    UPDATE streams SET version = x.v, last_hash = x.h
+    FROM unnest($12::text[], $13::int[], $14::bytea[]) AS x(s, v, h)
+    WHERE streams.stream = x.s
+)
+SELECT event_id, global_position FROM inserted
 """
 _COLUMNS = """global_position, stream, stream_version, event_id::text, type, schema_version,
 payload::text, occurred_at, recorded_at, tx_id::text::bigint, causation_id::text,
@@ -288,32 +295,31 @@ class EventStore:
                 raise IdempotencyConflict(e.event_id, e.stream, "twice in one batch")
         names = sorted({e.stream for e in encoded})
         nowait = bool(expected_versions)
+        ids = list(first)
         try:
             if nowait:
                 # fail fast on a busy stream, never wait: first the heads that exist ...
                 await conn.execute(_LOCK_TIMEOUT)
-                heads = await self._lock_heads(conn, names, nowait=True)
-                missing = sorted(set(names) - {r[0] for r in heads})
+                rows = await conn.fetch(_LOCK_AND_FIND_NOWAIT, names, ids)
+                missing = sorted(set(names) - {r[1] for r in rows if r[0]})
                 if missing:  # ... then new streams
                     await conn.execute(_CREATE_HEADS, missing, GENESIS_HASH)
-                    heads += await self._lock_heads(conn, missing, nowait=True)
+                    rows += await conn.fetch(_LOCK_AND_FIND_NOWAIT, missing, [])
             else:
                 # Create every missing head, then lock all, each in stream order: a
                 # writer holds no head while it creates, so two writers cannot deadlock.
                 await conn.execute(_CREATE_HEADS, names, GENESIS_HASH)
-                heads = await self._lock_heads(conn, names, nowait=False)
+                rows = await conn.fetch(_LOCK_AND_FIND_WAIT, names, ids)
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
             busy = min(expected_versions or {"?": 0})
             raise ConcurrencyError(busy, (expected_versions or {}).get(busy, 0), None) from None
-        version = {r[0]: r[1] for r in heads}
-        last_hash = {r[0]: bytes(r[2]) for r in heads}
+        version = {r[1]: r[2] for r in rows if r[0]}
+        last_hash = {r[1]: bytes(r[3]) for r in rows if r[0]}
         for stream, expected in (expected_versions or {}).items():
             actual = version.get(stream, 0)
             if actual != expected:
                 raise ConcurrencyError(stream, expected, actual)
-
-        found = await conn.fetch(_FIND_IDS, list(first))
-        existing = {r[0]: (bytes(r[1]), r[2], r[3]) for r in found}
+        existing = {r[1]: (bytes(r[3]), r[4], r[5]) for r in rows if not r[0]}
         positions: list[int | None] = [None] * len(encoded)
         flags = [False] * len(encoded)
         new: list[tuple[int, _Encoded, int, bytes]] = []
@@ -333,8 +339,9 @@ class EventStore:
                 last_hash[e.stream] = h
                 new.append((i, e, v, h))
         if new:
-            rows = await conn.fetch(
-                _INSERT,
+            touched = sorted({e.stream for _, e, _, _ in new})
+            inserted = await conn.fetch(
+                _INSERT_AND_MOVE,
                 [e.stream for _, e, _, _ in new],
                 [v for _, _, v, _ in new],
                 [e.event_id for _, e, _, _ in new],
@@ -346,26 +353,18 @@ class EventStore:
                 correlation_id,
                 [e.digest for _, e, _, _ in new],
                 [h for _, _, _, h in new],
+                touched,
+                [version[s] for s in touched],
+                [last_hash[s] for s in touched],
             )
-            by_id = {r[0]: r[1] for r in rows}
+            by_id = {r[0]: r[1] for r in inserted}
             for i, e, _, _ in new:
                 positions[i] = by_id[e.event_id]
-            touched = sorted({e.stream for _, e, _, _ in new})
-            await conn.execute(
-                _MOVE_HEADS, touched, [version[s] for s in touched], [last_hash[s] for s in touched]
-            )
         for i, e in enumerate(encoded):
             if positions[i] is None:  # an in-batch duplicate of a new event
                 positions[i] = positions[first[e.event_id]]
         resolved = tuple(p for p in positions if p is not None)
         return AppendResult(resolved, len(new), len(encoded) - len(new), tuple(flags))
-
-    @staticmethod
-    async def _lock_heads(
-        conn: asyncpg.Connection, names: list[str], *, nowait: bool
-    ) -> list[asyncpg.Record]:
-        """Lock the heads of ``names`` (existing ones) in stream order."""
-        return list(await conn.fetch(_LOCK_HEADS_NOWAIT if nowait else _LOCK_HEADS, names))
 
     async def read_stream(
         self, stream: str, *, after_version: int = 0, limit: int = 1_000_000
