@@ -11,8 +11,9 @@ Every message names the field and the value that was wrong.
     │   ├── IdempotencyConflict  an event id already holds different content
     │   ├── NotMigrated          the database has no (current) ledger schema: run `ledger db init`
     │   └── DatabaseUnavailable  the server cannot be reached
-    └── EmbeddedPostgresError    the private cluster cannot be created or started
-        └── ServerBinariesMissing  no initdb/pg_ctl on this machine
+    ├── EmbeddedPostgresError    the private cluster cannot be created or started
+    │   └── ServerBinariesMissing  no initdb/pg_ctl on this machine
+    └── ConsumeError             the live feed cannot be set up
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from enum import StrEnum
 
 __all__ = [
     "ConcurrencyError",
+    "ConsumeError",
     "DatabaseUnavailable",
     "EmbeddedPostgresError",
     "IdempotencyConflict",
@@ -113,3 +115,7 @@ class EmbeddedPostgresError(LedgerError):
 
 class ServerBinariesMissing(EmbeddedPostgresError):
     """No PostgreSQL server binaries (initdb, pg_ctl) were found."""
+
+
+class ConsumeError(LedgerError):
+    """The live feed cannot be set up (a stream that does not carry the subject, ...)."""

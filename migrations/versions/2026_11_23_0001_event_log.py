@@ -85,6 +85,7 @@ def upgrade() -> None:
         sa.Column(
             "updated_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
         ),
+        sa.Column("note", sa.Text(), nullable=True),  # e.g. the last error's text
         sa.PrimaryKeyConstraint("name", name="pk_counters"),
     )
 

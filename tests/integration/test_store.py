@@ -225,9 +225,7 @@ async def test_concurrent_writers_and_a_tailing_reader(
 
     async def writer(w: int) -> None:
         for b in range(batches):
-            events = [
-                fill(f"W{w}-B{b}-{i}", account=f"ACC-{w % 3}") for i in range(per_batch)
-            ]
+            events = [fill(f"W{w}-B{b}-{i}", account=f"ACC-{w % 3}") for i in range(per_batch)]
             async with engine.connect() as sa_conn:
                 conn = await driver_connection(sa_conn)
                 async with conn.transaction():

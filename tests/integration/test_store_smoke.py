@@ -8,8 +8,16 @@ from ledger.store import Checkpoint, EventStore
 
 async def test_append_and_read_back(store: EventStore) -> None:
     fill = parse_event(
-        {"type": "fill", "account": "A", "contract": "ES", "exec_id": "X1", "side": "BUY",
-         "qty": "1", "price": "6065.250000000", "occurred_at": "2026-11-23T14:30:00Z"}
+        {
+            "type": "fill",
+            "account": "A",
+            "contract": "ES",
+            "exec_id": "X1",
+            "side": "BUY",
+            "qty": "1",
+            "price": "6065.250000000",
+            "occurred_at": "2026-11-23T14:30:00Z",
+        }
     )
     result = await store.append([fill])
     assert result.appended == 1

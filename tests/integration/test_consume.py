@@ -1,0 +1,408 @@
+"""The live feed against a real nats-server and a real PostgreSQL.
+
+The consumer runs as a subprocess (``ledger consume``), so it can be SIGKILLed,
+SIGTERMed and measured like the real thing; the tests publish to JetStream themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import nats
+import orjson
+import psutil
+import psycopg
+import pytest
+from nats.js.api import StorageType
+from pytest_postgresql.executors import PostgreSQLExecutor
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+STREAM = "LEDGER_IN"
+SUBJECT = "ledger.in.>"
+# Importing ledger.cli_live registers `consume` and `stats` even before ledger.cli does.
+BOOT = "import ledger.cli_live, ledger.cli as c; c.main()"
+CONTRACT = "CON.F.US.EP.H25"
+INSTRUMENT = {
+    "type": "instrument",
+    "contract": CONTRACT,
+    "tick_size": "0.25",
+    "tick_value": "12.5",
+    "currency": "USD",
+}
+
+
+def fill(i: int) -> dict[str, str]:
+    """Return native fill number ``i`` (exec id ``X{i}``)."""
+    return {
+        "type": "fill",
+        "account": f"A{i % 7}",
+        "contract": CONTRACT,
+        "exec_id": f"X{i}",
+        "order_id": f"O{i}",
+        "side": "BUY" if i % 3 else "SELL",
+        "qty": str(1 + i % 4),
+        "price": f"{6000 + (i % 40) * 0.25:.2f}",
+        "fee": "1.40",
+        "occurred_at": f"2025-01-21T{10 + (i // 3600) % 12:02d}:{(i // 60) % 60:02d}:"
+        f"{i % 60:02d}+00:00",
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def _publish(url: str, messages: Sequence[tuple[str, bytes]], *, confirm: bool) -> None:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        try:
+            await js.stream_info(STREAM)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(name=STREAM, subjects=[SUBJECT], storage=StorageType.FILE)
+        for subject, data in messages:
+            if confirm:
+                await js.publish(subject, data)
+            else:
+                await nc.publish(subject, data)
+        await nc.flush()
+    finally:
+        await nc.close()
+
+
+def publish(url: str, messages: Sequence[tuple[str, bytes]], *, confirm: bool = True) -> None:
+    """Publish to JetStream (each publish confirmed by the stream unless told otherwise)."""
+    asyncio.run(_publish(url, messages, confirm=confirm))
+
+
+def publish_fills(url: str, n: int, *, start: int = 0, instrument: bool = True) -> None:
+    msgs = [("ledger.in.instruments", orjson.dumps(INSTRUMENT))] if instrument else []
+    msgs += [("ledger.in.fills", orjson.dumps(fill(i))) for i in range(start, start + n)]
+    publish(url, msgs)
+
+
+async def _consumer_state(url: str, durable: str) -> dict[str, int]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.consumer_info(STREAM, durable)
+        stream = await js.stream_info(STREAM)
+        return {
+            "num_pending": info.num_pending or 0,
+            "num_ack_pending": info.num_ack_pending or 0,
+            "ack_floor": info.ack_floor.stream_seq if info.ack_floor else 0,
+            "stream_messages": stream.state.messages,
+        }
+    finally:
+        await nc.close()
+
+
+def consumer_state(url: str, durable: str = "ledger") -> dict[str, int]:
+    return asyncio.run(_consumer_state(url, durable))
+
+
+def start_consumer(env: dict[str, str], url: str, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """Start ``ledger consume`` as a subprocess, its stderr appended to ``log``."""
+    with log.open("ab") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-c", BOOT, "consume", "--no-project", "--servers", url, *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=handle,
+            cwd=ROOT,
+        )
+
+
+def wait_exit(proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"consumer still running after {timeout} s; log:\n{log.read_text()[-4000:]}")
+
+
+def query(db_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db_url, autocommit=True, connect_timeout=3) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def fill_count(db_url: str) -> int:
+    try:
+        return int(query(db_url, "SELECT count(*) FROM events WHERE type = 'fill'")[0][0])
+    except psycopg.OperationalError:
+        return -1
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def counters(db_url: str) -> dict[str, int]:
+    return {name: int(value) for name, value in query(db_url, "SELECT name, value FROM counters")}
+
+
+def assert_exactly_once(db_url: str, n: int) -> None:
+    """Every fill 0..n-1 is in the log once; the counters add up."""
+    total, distinct = query(
+        db_url,
+        "SELECT count(*), count(DISTINCT payload->>'exec_id') FROM events WHERE type = 'fill'",
+    )[0]
+    assert (total, distinct) == (n, n)
+    wanted = {f"X{i}" for i in range(n)}
+    got = {r[0] for r in query(db_url, "SELECT payload->>'exec_id' FROM events WHERE type='fill'")}
+    assert got == wanted
+    assert query(db_url, "SELECT count(*) FROM events WHERE type = 'instrument'")[0][0] == 1
+    c = counters(db_url)
+    assert c["received"] == c["appended"] + c["duplicates"] + c["rejected"]
+    assert c["appended"] == n + 1
+
+
+def peak_rss_during(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """Sample the process's RSS every 20 ms until it exits; return the peak in bytes."""
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    return peak
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_sigkill_at_random_points_keeps_every_event_exactly_once(
+    nats_url: str, cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    n = 2000
+    log = tmp_path / "consume.log"
+    publish_fills(nats_url, n)
+    rng = random.Random(20261123)
+    args = ("--batch", "25", "--ack-wait", "2")
+    kills = 0
+    for _ in range(4):
+        before = max(fill_count(db_url), 0)
+        if before >= n - 100:
+            break
+        threshold = before + rng.randint(50, max(60, (n - before) // 3))
+        proc = start_consumer(cli_env, nats_url, log, *args)
+        wait_until(lambda t=threshold: fill_count(db_url) >= t, 60, f"{threshold} fills")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        kills += 1
+    assert kills >= 3
+    # Unacknowledged deliveries of the killed runs come back after ack_wait (2 s).
+    proc = start_consumer(cli_env, nats_url, log, *args, "--idle-exit", "4")
+    assert wait_exit(proc, log) == 0, log.read_text()[-4000:]
+    assert_exactly_once(db_url, n)
+    state = consumer_state(nats_url)
+    assert state["num_pending"] == 0 and state["num_ack_pending"] == 0
+
+
+def test_postgres_restart_mid_stream(
+    nats_url: str,
+    cli_env: dict[str, str],
+    db_url: str,
+    pg_server: PostgreSQLExecutor,
+    tmp_path: Path,
+) -> None:
+    n = 2000
+    log = tmp_path / "consume.log"
+    publish_fills(nats_url, n)
+    proc = start_consumer(cli_env, nats_url, log, "--batch", "20", "--idle-exit", "3")
+    try:
+        wait_until(lambda: fill_count(db_url) >= n // 4, 60, "a quarter of the fills")
+        pg_server.stop()
+        time.sleep(2.5)  # the consumer keeps failing meanwhile: backoff, no ack
+        assert proc.poll() is None, log.read_text()[-4000:]
+    finally:
+        if not pg_server.running():
+            pg_server.start()
+    assert wait_exit(proc, log) == 0, log.read_text()[-4000:]
+    text = log.read_text()
+    assert "consume error: writing" in text  # it did see the outage
+    assert_exactly_once(db_url, n)
+    state = consumer_state(nats_url)
+    assert state["num_pending"] == 0 and state["num_ack_pending"] == 0
+    assert counters(db_url)["consume.db_retries"] >= 1
+
+
+def test_sigterm_drains_acks_and_exits_zero(
+    nats_url: str, cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    n = 3000
+    log = tmp_path / "consume.log"
+    publish_fills(nats_url, n)
+    proc = start_consumer(cli_env, nats_url, log, "--batch", "20", "--ack-wait", "2")
+    wait_until(lambda: fill_count(db_url) >= 200, 60, "the first fills")
+    proc.send_signal(signal.SIGTERM)
+    assert wait_exit(proc, log, timeout=30) == 0, log.read_text()[-4000:]
+    assert "SIGTERM: stopping fetch, draining the queue" in log.read_text()
+    state = consumer_state(nats_url)
+    # Acknowledged means appended: every fill up to the ack floor is in the log.
+    floor = state["ack_floor"]  # stream sequence 1 is the instrument, fill i is i + 2
+    assert floor >= 200
+    logged = {r[0] for r in query(db_url, "SELECT payload->>'exec_id' FROM events")}
+    assert {f"X{i}" for i in range(floor - 1)} <= logged
+    c = counters(db_url)
+    assert c["received"] == c["appended"] + c["duplicates"] + c["rejected"]
+    # A second run picks up the rest; nothing is lost or doubled.
+    proc = start_consumer(cli_env, nats_url, log, "--ack-wait", "2", "--idle-exit", "4")
+    assert wait_exit(proc, log) == 0
+    assert_exactly_once(db_url, n)
+
+
+def test_memory_stays_bounded_under_a_backlog(
+    nats_url: str, cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    n = 200_000
+    log = tmp_path / "consume.log"
+    subject = "ledger.in.fills"
+    msgs = [("ledger.in.instruments", orjson.dumps(INSTRUMENT))]
+    msgs += [(subject, orjson.dumps(fill(i))) for i in range(n)]
+    publish(nats_url, msgs, confirm=False)
+    wait_until(
+        lambda: consumer_stream_messages(nats_url) == n + 1, 30, "the stream to hold every message"
+    )
+    proc = start_consumer(
+        cli_env, nats_url, log, "--batch", "500", "--queue-size", "1000", "--idle-exit", "2"
+    )
+    peak = peak_rss_during(proc, timeout=150)
+    assert wait_exit(proc, log, timeout=30) == 0, log.read_text()[-4000:]
+    print(f"\npeak RSS of `ledger consume` over a {n:,}-message backlog: {peak / 2**20:.1f} MiB")
+    # Bounded by the queue (1,000 messages) and max_ack_pending (2,000) this peaks near
+    # 85 MiB; with --queue-size 250000 (in effect unbounded) the same run peaks near
+    # 390 MiB, so the bound below tells the two apart.
+    assert peak < 200 * 2**20
+    assert fill_count(db_url) == n
+
+
+def consumer_stream_messages(url: str) -> int:
+    async def _count() -> int:
+        nc = await nats.connect(url)
+        try:
+            info = await nc.jetstream().stream_info(STREAM)
+            return int(info.state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(_count())
+
+
+def _lines(path: Path) -> Iterable[bytes]:
+    return [line for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def test_projectx_payloads_ingest_the_same_events_as_native(
+    nats_url: str, cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "consume.log"
+    instruments = [
+        ("ledger.in.contracts", line)
+        for line in _lines(FIXTURES / "native" / "contracts_search.jsonl")
+    ]
+    projectx = (FIXTURES / "projectx" / "trade_action_list.json").read_bytes()
+    publish(nats_url, [*instruments, ("ledger.in.projectx.trades", projectx)])
+    proc = start_consumer(cli_env, nats_url, log, "--idle-exit", "2")
+    assert wait_exit(proc, log) == 0, log.read_text()[-4000:]
+    rows = query(db_url, "SELECT event_id::text, payload FROM events WHERE type='fill' ORDER BY 1")
+    assert sorted(r[1]["exec_id"] for r in rows) == ["8603", "8604"]
+    assert query(db_url, "SELECT count(*) FROM rejected")[0][0] == 0
+
+    # The same trades in native form are duplicates: same ids and the same content
+    # (different content under the same id would be an IDEMPOTENCY_CONFLICT reject).
+    native = _lines(FIXTURES / "native" / "trade_action_list.jsonl")
+    publish(nats_url, [("ledger.in.native.trades", line) for line in native])
+    proc = start_consumer(cli_env, nats_url, log, "--idle-exit", "2")
+    assert wait_exit(proc, log) == 0, log.read_text()[-4000:]
+    again = query(db_url, "SELECT event_id::text, payload FROM events WHERE type='fill' ORDER BY 1")
+    assert again == rows
+    c = counters(db_url)
+    assert c["duplicates"] == 2 and c["rejected"] == 0
+    assert c["appended"] == len(instruments) + 2
+
+
+def test_stats_json_counts_add_up(
+    nats_url: str, cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "consume.log"
+    n = 300
+    publish_fills(nats_url, n)
+    bad = fill(5)
+    bad["price"] = "6000.10"  # off the 0.25 tick grid
+    publish(
+        nats_url,
+        [
+            ("ledger.in.fills", orjson.dumps(fill(7))),  # a duplicate
+            ("ledger.in.fills", orjson.dumps({**bad, "exec_id": "OFF1"})),
+            ("ledger.in.fills", b"{not json"),
+        ],
+    )
+    proc = start_consumer(cli_env, nats_url, log, "--idle-exit", "2")
+    assert wait_exit(proc, log) == 0, log.read_text()[-4000:]
+    result = subprocess.run(
+        [sys.executable, "-c", BOOT, "stats", "--format", "json"],
+        env=cli_env,
+        capture_output=True,
+        cwd=ROOT,
+        check=True,
+    )
+    stats = json.loads(result.stdout)
+    assert stats["received"] == n + 4
+    assert (stats["appended"], stats["duplicates"], stats["rejected"]) == (n + 1, 1, 2)
+    assert stats["received"] == stats["appended"] + stats["duplicates"] + stats["rejected"]
+    assert stats["consistent"] is True
+    assert stats["rejected_by_reason"] == {"OFF_TICK_PRICE": 1, "INVALID_JSON": 1}
+    assert stats["consume"]["messages"] == n + 4
+    # --no-project: nothing projected, every event is behind the projections.
+    assert stats["projection_lag"]["events"] == n + 1
+    assert stats["projection_lag"]["seconds"] >= 0
+    table = subprocess.run(
+        [sys.executable, "-c", BOOT, "stats"], env=cli_env, capture_output=True, cwd=ROOT
+    )
+    assert table.returncode == 0 and b"projection lag (events)" in table.stdout
+
+
+def test_live_projections_follow_the_feed(
+    nats_url: str, cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "consume.log"
+    publish_fills(nats_url, 500)
+    with log.open("ab") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BOOT, "consume", "--servers", nats_url, "--idle-exit", "3"],
+            env=cli_env,
+            stdout=subprocess.DEVNULL,
+            stderr=handle,
+            cwd=ROOT,
+        )
+    assert wait_exit(proc, log) == 0, log.read_text()[-4000:]
+    result = subprocess.run(
+        [sys.executable, "-c", BOOT, "stats", "--format", "json"],
+        env=cli_env,
+        capture_output=True,
+        cwd=ROOT,
+        check=True,
+    )
+    stats = json.loads(result.stdout)
+    assert stats["projection_lag"]["events"] == 0, (stats, log.read_text()[-3000:])
+    assert stats["projection_lag"]["checkpoint"] is not None
+    assert fill_count(db_url) == 500
