@@ -26,6 +26,7 @@ import asyncpg
 import orjson
 
 from ledger.events import FillBusted, FillCorrected, FillRecorded, event_from_stored
+from projections.pnl import trading_day
 from projections.positions import (
     FillEffect,
     Method,
@@ -36,7 +37,7 @@ from projections.positions import (
     replay,
     unrealized,
 )
-from projections.pnl import trading_day
+from projections.runner import point_value
 
 __all__ = [
     "Clock",
@@ -77,11 +78,13 @@ SELECT known_position, key_occurred_at, state::text FROM proj_snapshots
 WHERE generation = $1 AND stream = $2 AND known_recorded_at <= $3
 ORDER BY known_position DESC, key_position DESC LIMIT 1
 """
-# After a snapshot: everything recorded after it, and fills later in event time up to T.
+# After a snapshot: everything recorded after it (fills up to T are kept by the caller).
+# The snapshot holds every fill logged up to its position that still stands, so nothing
+# at or before that position may come back: a fill busted there must stay out.
 TAIL_AS_OF = """
 SELECT global_position, payload::text FROM events
-WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
-  AND (global_position > $2 OR (type = 'fill' AND occurred_at > $4 AND occurred_at <= $3))
+WHERE stream = $1 AND type IN ('fill', 'bust', 'correction') AND global_position > $2
+  AND (type <> 'fill' OR occurred_at <= $3)
 ORDER BY global_position
 """
 REPLAY_AS_OF = """
@@ -144,7 +147,7 @@ async def _instrument(conn: asyncpg.Connection, contract: str) -> tuple[Decimal,
         raise LookupError(f"contract: no instrument event defines {contract!r}")
     data = orjson.loads(payload)
     tick_size = Decimal(data["tick_size"])
-    return Decimal(data["tick_value"]) / tick_size, tick_size
+    return point_value(Decimal(data["tick_value"]), tick_size), tick_size
 
 
 def _decode(rows: list[asyncpg.Record]) -> list[tuple[int, StreamEvent]]:
@@ -179,7 +182,7 @@ async def stream_at(
             if known_at:
                 tail_rows = await conn.fetch(TAIL_AS_KNOWN_AT, stream, known, when)
             else:
-                tail_rows = await conn.fetch(TAIL_AS_OF, stream, known, when, snap["key_occurred_at"])
+                tail_rows = await conn.fetch(TAIL_AS_OF, stream, known, when)
             folded = _fold_tail(state, _decode(tail_rows), known_at, when)
             if folded is not None:
                 return StreamView(folded)
@@ -227,9 +230,7 @@ async def _mark(
     return Decimal(row[0]) if row else None
 
 
-def _position_row(
-    state: PositionState, method: Method, mark: Decimal | None
-) -> dict[str, Any]:
+def _position_row(state: PositionState, method: Method, mark: Decimal | None) -> dict[str, Any]:
     return {
         "account": state.account,
         "contract": state.contract,
@@ -371,7 +372,10 @@ def _group(raw: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
         g["fees"] += r["fees"]
         g["net_realized_pnl"] = g["realized_pnl"] - g["fees"]
         g["fills"] += r["fills"]
-    return sorted(groups.values(), key=lambda g: tuple(str(g.get(k, "")) for k in ("account", "contract", "day")))
+    return sorted(
+        groups.values(),
+        key=lambda g: tuple(str(g.get(k, "")) for k in ("account", "contract", "day")),
+    )
 
 
 async def history_rows(

@@ -48,11 +48,17 @@ WHERE NOT EXISTS (SELECT FROM projection_checkpoint WHERE status = 'serving')
 ON CONFLICT DO NOTHING
 """
 SERVING = "SELECT generation FROM projection_checkpoint WHERE status = 'serving'"
-BUILDING = "SELECT generation FROM projection_checkpoint WHERE status = 'building' ORDER BY generation DESC LIMIT 1"
+BUILDING = """
+SELECT generation FROM projection_checkpoint WHERE status = 'building'
+ORDER BY generation DESC LIMIT 1
+"""
 NEW_BUILDING = """
 INSERT INTO projection_checkpoint (generation, status, started_at, updated_at)
 SELECT coalesce(max(generation), 0) + 1, 'building', now(), now() FROM projection_checkpoint
 RETURNING generation
+"""
+CHECKPOINT = """
+SELECT tx_id, position, events, status FROM projection_checkpoint WHERE generation = $1
 """
 LOCK_CHECKPOINT = """
 SELECT tx_id, position, events, status FROM projection_checkpoint WHERE generation = $1 FOR UPDATE
@@ -76,6 +82,19 @@ DROP_GENERATION_TABLES = (
 )
 FORGET_GENERATION = "DELETE FROM projection_checkpoint WHERE generation = $1"
 INSTRUMENTS = "SELECT payload::text FROM events WHERE type = 'instrument'"
+# The gap-free read (see ledger.store): only transactions older than the oldest one
+# still running, in (transaction id, position) order. The ORDER BY names the table's
+# columns: an unqualified ``tx_id`` would mean the *output* column ``tx_id::text::bigint``,
+# which no index has, and every page would sort the whole log.
+READ_BATCH = """
+SELECT e.global_position, e.tx_id::text::bigint AS tx, e.stream, e.type, e.payload::text,
+       e.recorded_at
+FROM events e
+WHERE (e.tx_id, e.global_position) > ($1::text::xid8, $2::bigint)
+  AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY e.tx_id, e.global_position
+LIMIT $3
+"""
 LOAD_STATES = """
 SELECT stream, state::text FROM proj_positions WHERE generation = $1 AND stream = ANY($2::text[])
 """
@@ -84,6 +103,16 @@ SELECT global_position, payload::text FROM events
 WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
   AND (tx_id, global_position) <= ($2::text::xid8, $3::bigint)
 ORDER BY global_position
+"""
+# Every restated stream of a page at once, up to the page's read position.
+STREAMS_FILLS_UPTO = """
+SELECT stream, global_position, type, payload::text, recorded_at FROM events
+WHERE stream = ANY($1::text[]) AND type IN ('fill', 'bust', 'correction')
+  AND (tx_id, global_position) <= ($2::text::xid8, $3::bigint)
+ORDER BY stream, global_position
+"""
+LATEST_RECORDED = """
+SELECT stream, max(recorded_at) FROM events WHERE stream = ANY($1::text[]) GROUP BY stream
 """
 UPSERT_POSITIONS = """
 INSERT INTO proj_positions (generation, stream, account, contract, signed_qty,

@@ -1,0 +1,257 @@
+"""SIGKILL drills: a projection runner or a rebuild killed at any point loses nothing.
+
+A killed runner's open batch rolls back with its transaction, so a restart resumes from
+the last committed checkpoint; a killed rebuild leaves the serving generation as it was
+and is resumed by the next rebuild. Every drill ends by comparing all serving rows
+(positions, history, daily P&L) with those of a fresh rebuild.
+"""
+
+# ruff: noqa: ASYNC220, ASYNC221 - the tests drive CLI subprocesses and wait on them
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from test_projections import (
+    assert_rebuild_equals_serving,
+    instruments,
+    random_log,
+    snapshot_serving,
+)
+
+from ledger.store import EventStore, driver_connection
+from projections.runner import ProjectionRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Runs ProjectionRunner(batch_size=50) and SIGKILLs itself at a chosen point:
+# "between": after the N-th batch committed; "mid": inside the N-th batch's transaction,
+# after its rows were written but before its checkpoint moved and it committed.
+SELF_KILLER = """
+import asyncio, os, signal, sys
+from ledger.db import make_engine
+from projections.runner import ProjectionRunner
+
+mode, n, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+async def main():
+    engine = make_engine(os.environ["LEDGER_DATABASE_URL"])
+    runner = ProjectionRunner(engine, batch_size=50, snapshot_every=4)
+    runner.rebuild_flush_events = int(os.environ.get("FLUSH_EVENTS", "50"))
+    seen = 0
+    write = runner._write
+
+    async def killing_write(*args):
+        nonlocal seen
+        await write(*args)
+        seen += 1
+        if mode == "mid" and seen == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def progress(_applied):
+        if mode == "between" and seen == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    runner._write = killing_write
+    if what == "rebuild":
+        await runner.rebuild(progress)
+    else:
+        await runner.catch_up(progress)
+
+asyncio.run(main())
+"""
+
+CHECKPOINTS = "SELECT generation, status, events FROM projection_checkpoint ORDER BY generation"
+
+
+async def checkpoints(engine: AsyncEngine) -> list[tuple[int, str, int]]:
+    async with engine.connect() as sa:
+        rows = await (await driver_connection(sa)).fetch(CHECKPOINTS)
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def count_events(engine: AsyncEngine) -> int:
+    async with engine.connect() as sa:
+        n: int = await (await driver_connection(sa)).fetchval("SELECT count(*) FROM events")
+    return n
+
+
+def self_kill(
+    env: dict[str, str], mode: str, n: int, what: str = "catch_up", flush_events: int = 50
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", SELF_KILLER, mode, str(n), what],
+        env=dict(env, FLUSH_EVENTS=str(flush_events)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr
+
+
+async def test_runner_killed_between_and_mid_batch_resumes_exactly(
+    engine: AsyncEngine, store: EventStore, cli_env: dict[str, str]
+) -> None:
+    rng = random.Random(4)
+    events = random_log(rng, 4000, accounts=("K0", "K1", "K2", "K3", "K4"))
+    await store.append(instruments())
+    await store.append(events[:1000])
+
+    # killed after the 5th batch committed: exactly 5 x 50 events are projected
+    self_kill(cli_env, "between", 5)
+    assert await checkpoints(engine) == [(1, "serving", 250)]
+    # killed inside the 3rd batch of the next run: its writes roll back with it
+    self_kill(cli_env, "mid", 3)
+    assert await checkpoints(engine) == [(1, "serving", 350)]
+
+    await store.append(events[1000:2500])
+    # `ledger project` with small batches, SIGKILLed at random points
+    env = dict(cli_env, LEDGER_PROJECTION_BATCH="7")
+    killed_mid_run = 0
+    for _ in range(4):
+        [(_g, _s, start)] = await checkpoints(engine)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ledger", "project"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            # once it is projecting, let it run a random while, then kill it
+            deadline = time.monotonic() + 30
+            while (await checkpoints(engine))[0][2] == start and proc.poll() is None:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(rng.uniform(0.0, 0.25))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                killed_mid_run += 1
+        finally:
+            proc.wait(30)
+        # a late fill, a bust or a correction may land between restarts
+        await store.append(events[2500 + _ * 200 : 2700 + _ * 200])
+    [(_, _, projected)] = await checkpoints(engine)
+    assert killed_mid_run == 4 and projected < await count_events(engine)
+
+    await store.append(events[3300:])
+    logged = await count_events(engine)
+    result = subprocess.run(
+        [sys.executable, "-m", "ledger", "project"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    [(_, _, projected)] = await checkpoints(engine)
+    assert projected >= logged  # (`ledger project` appends a seal after catching up)
+    await ProjectionRunner(engine).catch_up()
+    [(_, _, projected)] = await checkpoints(engine)
+    assert projected == await count_events(engine)
+    await assert_rebuild_equals_serving(engine)
+
+
+async def test_rebuild_killed_half_way_leaves_serving_intact_and_resumes(
+    engine: AsyncEngine, store: EventStore, cli_env: dict[str, str]
+) -> None:
+    rng = random.Random(9)
+    events = random_log(
+        rng, 19_500, accounts=[f"R{i}" for i in range(20)], adjust_rate=0.01, late=0.02
+    )
+    await store.append(instruments())
+    for i in range(0, len(events) - 300, 2000):
+        await store.append(events[i : min(i + 2000, len(events) - 300)])
+    total = await count_events(engine)
+    assert total > 19_000
+    await ProjectionRunner(engine).catch_up()
+    before = await snapshot_serving(engine)
+    assert await checkpoints(engine) == [(1, "serving", total)]
+
+    # pages of 500, a transaction every 2,000 events
+    env = dict(cli_env, LEDGER_PROJECTION_BATCH="500", LEDGER_REBUILD_FLUSH="2000")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ledger", "rebuild"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            rows = await checkpoints(engine)
+            building = [r for r in rows if r[1] == "building"]
+            if building and total // 4 <= building[0][2]:
+                break
+            assert proc.poll() is None, "the rebuild finished before it could be killed"
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    rows = await checkpoints(engine)
+    assert rows[0] == (1, "serving", total)
+    assert rows[1][:2] == (2, "building") and rows[1][2] < total, rows
+    assert await snapshot_serving(engine) == before  # the serving rows are untouched
+
+    # more events arrive; the serving generation projects them incrementally
+    await store.append(events[len(events) - 300 :])
+    await ProjectionRunner(engine, batch_size=64).catch_up()
+    incremental = await snapshot_serving(engine)
+    assert incremental != before
+
+    # the re-run resumes the killed generation, completes, swaps, and equals incremental
+    result = subprocess.run(
+        [sys.executable, "-m", "ledger", "rebuild"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rebuilt generation 2" in result.stdout
+    total = await count_events(engine)
+    assert await checkpoints(engine) == [(2, "serving", total)]
+    assert await snapshot_serving(engine) == incremental
+    async with engine.connect() as sa:
+        leftovers = await (await driver_connection(sa)).fetchval(
+            "SELECT count(*) FROM proj_history WHERE generation = 1"
+        )
+    assert leftovers == 0
+    await assert_rebuild_equals_serving(engine)
+
+
+async def test_rebuild_killed_mid_batch_then_resumed_equals_incremental(
+    engine: AsyncEngine, store: EventStore, cli_env: dict[str, str]
+) -> None:
+    rng = random.Random(12)
+    await store.append(instruments())
+    await store.append(random_log(rng, 1500, accounts=("M0", "M1", "M2")))
+    await ProjectionRunner(engine, batch_size=33).catch_up()
+    before = await snapshot_serving(engine)
+    self_kill(cli_env, "mid", 7, "rebuild")  # 6 batches of the new generation committed
+    assert await checkpoints(engine) == [
+        (1, "serving", await count_events(engine)),
+        (2, "building", 300),
+    ]
+    assert await snapshot_serving(engine) == before
+    self_kill(cli_env, "between", 4, "rebuild")  # resumed: 4 more batches
+    assert (await checkpoints(engine))[1] == (2, "building", 500)
+    # a rebuild transaction spans pages (4 x 50 here): a kill loses the open one only
+    self_kill(cli_env, "mid", 11, "rebuild", flush_events=200)
+    assert (await checkpoints(engine))[1] == (2, "building", 900)
+    assert await snapshot_serving(engine) == before
+    await ProjectionRunner(engine, batch_size=77).rebuild()
+    assert [r[:2] for r in await checkpoints(engine)] == [(2, "serving")]
+    assert await snapshot_serving(engine) == before
