@@ -61,7 +61,7 @@ from projections.positions import (
     new_state,
     replay,
 )
-from projections.queries import Clock, serving_generation, stream_at
+from projections.queries import Clock, instrument_grid, serving_generation, stream_at
 
 __all__ = [
     "AuditError",
@@ -84,10 +84,6 @@ _STREAM_EVENTS = """
 SELECT global_position, recorded_at, payload::text FROM events
 WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
 ORDER BY global_position
-"""
-_INSTRUMENT = """
-SELECT payload::text FROM events WHERE stream = 'instrument/' || $1 AND type = 'instrument'
-ORDER BY global_position LIMIT 1
 """
 _VERIFY_PAGE = """
 SELECT global_position, stream, stream_version, event_id::text, payload::text,
@@ -132,12 +128,10 @@ class StreamRow:
 
 
 async def _instrument(conn: asyncpg.Connection, contract: str) -> tuple[Decimal, Decimal]:
-    payload = await conn.fetchval(_INSTRUMENT, contract)
-    if payload is None:
+    grid = await instrument_grid(conn, contract)
+    if grid is None:
         raise AuditError(f"contract: no instrument event defines {contract!r}")
-    data = orjson.loads(payload)
-    tick_size = Decimal(data["tick_size"])
-    return Decimal(data["tick_value"]) / tick_size, tick_size
+    return grid
 
 
 async def load_stream(

@@ -43,6 +43,7 @@ from ledger.values import (
     Quantity,
     Side,
     SignedQuantity,
+    point_value,
 )
 
 __all__ = [
@@ -183,7 +184,7 @@ class InstrumentDefined(_EventBase):
     @property
     def point_value(self) -> Decimal:
         """Return the money value of one whole point of price."""
-        return self.tick_value / self.tick_size
+        return point_value(self.tick_value, self.tick_size)
 
 
 class FillRecorded(_EventBase):

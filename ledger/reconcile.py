@@ -62,7 +62,7 @@ from ledger.store import EventStore
 from ledger.values import ID_PATTERN, to_decimal
 from projections.pnl import trading_day
 from projections.positions import FillEffect, FillInput, apply_fill, new_state
-from projections.queries import serving_generation, stream_at
+from projections.queries import instrument_grid, serving_generation, stream_at
 
 __all__ = [
     "BREAK_TYPES",
@@ -116,10 +116,6 @@ _BROKER_PNL = """
 SELECT payload->>'exec_id', payload->>'broker_pnl' FROM events
 WHERE stream = $1 AND type = 'fill' AND payload->>'broker_pnl' IS NOT NULL
 ORDER BY global_position
-"""
-_INSTRUMENT = """
-SELECT payload::text FROM events WHERE stream = 'instrument/' || $1 AND type = 'instrument'
-ORDER BY global_position LIMIT 1
 """
 _RUN = """
 SELECT payload::text FROM events WHERE stream = 'reconciliation/' || $1 AND type = 'reconciliation'
@@ -482,15 +478,6 @@ def _report(position: int, payload: str) -> BrokerLine:
     )
 
 
-async def _instrument(conn: asyncpg.Connection, contract: str) -> tuple[Decimal, Decimal] | None:
-    payload = await conn.fetchval(_INSTRUMENT, contract)
-    if payload is None:
-        return None
-    data = orjson.loads(payload)
-    tick_size = Decimal(data["tick_size"])
-    return Decimal(data["tick_value"]) / tick_size, tick_size
-
-
 async def reconcile(
     conn: asyncpg.Connection,
     *,
@@ -537,7 +524,7 @@ async def reconcile(
     matched = 0
     for stream in streams:
         account, contract = stream.split("/", 1)
-        instrument = await _instrument(conn, contract)
+        instrument = await instrument_grid(conn, contract)
         tick = instrument[1] if instrument else None
         tolerance = price_tolerance if price_tolerance is not None else (tick or _ZERO) / 2
         reports = [_report(p, t) for p, t in await conn.fetch(_REPORTS, stream, cutoff)]

@@ -30,6 +30,7 @@ from ledger.audit import load_stream
 from ledger.events import ReconciliationCompleted, canonical_value, event_from_stored
 from projections.pnl import trading_day
 from projections.positions import FillEffect, replay, unrealized
+from projections.queries import instrument_grid
 
 __all__ = ["ColumnKind", "DayReport", "build_report", "day_bounds", "render_html", "write_report"]
 
@@ -41,10 +42,6 @@ _STREAMS = """
 SELECT DISTINCT stream FROM events
 WHERE type = 'fill' AND occurred_at < $1 AND recorded_at <= $2
 ORDER BY stream
-"""
-_INSTRUMENT = """
-SELECT payload::text FROM events WHERE stream = 'instrument/' || $1 AND type = 'instrument'
-ORDER BY global_position LIMIT 1
 """
 _MARK = """
 SELECT payload->>'price' FROM events
@@ -162,12 +159,10 @@ async def build_report(
     day_effects: list[tuple[str, str, FillEffect]] = []
     for (stream,) in await conn.fetch(_STREAMS, end, known):
         account, contract = stream.split("/", 1)
-        payload = await conn.fetchval(_INSTRUMENT, contract)
-        if payload is None:
+        grid = await instrument_grid(conn, contract)
+        if grid is None:
             raise LookupError(f"contract: no instrument event defines {contract!r}")
-        data = orjson.loads(payload)
-        tick_size = Decimal(data["tick_size"])
-        point_value = Decimal(data["tick_value"]) / tick_size
+        point_value, tick_size = grid
         rows = await load_stream(conn, stream, occurred_by=cutoff, recorded_by=as_known_at)
         state, effects = replay(
             account, contract, point_value, tick_size, [(r.position, r.event) for r in rows]

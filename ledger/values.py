@@ -35,6 +35,7 @@ __all__ = [
     "Side",
     "SignedQuantity",
     "is_on_tick",
+    "point_value",
     "to_decimal",
 ]
 
@@ -143,6 +144,20 @@ AccountId = Annotated[str, BeforeValidator(_token)]
 ContractId = Annotated[str, BeforeValidator(_token)]
 ExecId = Annotated[str, BeforeValidator(_token)]
 OrderId = Annotated[str, BeforeValidator(_token)]
+
+
+def point_value(tick_value: Decimal, tick_size: Decimal) -> Decimal:
+    """Return tick value / tick size, exactly, with no positive exponent.
+
+    Decimal division keeps the "ideal" exponent, so 15.625 / 0.015625 is ``1E+3``; P&L
+    computed with that would read ``15.625`` instead of ``15.625000`` (golden case
+    ``zn_sub_cent_tick_value``). An integral point value is written with exponent 0.
+    """
+    value = tick_value / tick_size
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent > 0:
+        value = value.quantize(Decimal(1))
+    return value
 
 
 def is_on_tick(price: Decimal, tick_size: Decimal) -> bool:

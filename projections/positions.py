@@ -73,15 +73,15 @@ class FoldError(Exception):
     """Base of every error the position fold raises."""
 
 
-class OffTickPrice(FoldError):  # noqa: N818 - the name is the reject reason
+class OffTickPrice(FoldError):
     """A fill price is not on the instrument's tick grid (``OFF_TICK_PRICE``)."""
 
 
-class OutOfOrderFill(FoldError):  # noqa: N818
+class OutOfOrderFill(FoldError):
     """A fill sorts at or before the last folded fill; the stream must be replayed."""
 
 
-class UnknownExecution(FoldError):  # noqa: N818 - the name is the reject reason
+class UnknownExecution(FoldError):
     """A bust or correction names an execution id with no fill in the stream."""
 
 

@@ -26,6 +26,7 @@ import asyncpg
 import orjson
 
 from ledger.events import FillBusted, FillCorrected, FillRecorded, event_from_stored
+from ledger.values import point_value
 from projections.pnl import trading_day
 from projections.positions import (
     FillEffect,
@@ -37,12 +38,12 @@ from projections.positions import (
     replay,
     unrealized,
 )
-from projections.runner import point_value
 
 __all__ = [
     "Clock",
     "StreamView",
     "history_rows",
+    "instrument_grid",
     "pnl_rows",
     "position_rows",
     "stream_at",
@@ -141,13 +142,23 @@ async def serving_generation(conn: asyncpg.Connection) -> int | None:
     return generation
 
 
-async def _instrument(conn: asyncpg.Connection, contract: str) -> tuple[Decimal, Decimal]:
+async def instrument_grid(
+    conn: asyncpg.Connection, contract: str
+) -> tuple[Decimal, Decimal] | None:
+    """Return a contract's (point value, tick size) from its instrument event, if any."""
     payload = await conn.fetchval(INSTRUMENT, contract)
     if payload is None:
-        raise LookupError(f"contract: no instrument event defines {contract!r}")
+        return None
     data = orjson.loads(payload)
     tick_size = Decimal(data["tick_size"])
     return point_value(Decimal(data["tick_value"]), tick_size), tick_size
+
+
+async def _instrument(conn: asyncpg.Connection, contract: str) -> tuple[Decimal, Decimal]:
+    grid = await instrument_grid(conn, contract)
+    if grid is None:
+        raise LookupError(f"contract: no instrument event defines {contract!r}")
+    return grid
 
 
 def _decode(rows: list[asyncpg.Record]) -> list[tuple[int, StreamEvent]]:

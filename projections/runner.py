@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger.schema import NOTIFY_CHANNEL
 from ledger.settings import Settings
 from ledger.store import Checkpoint, LightRow, driver_connection
-from ledger.values import Side
+from ledger.values import Side, point_value
 from projections import store as sql
 from projections.history import HistoryRow, compact
 from projections.pnl import trading_day
@@ -84,20 +84,6 @@ class RebuildResult:
     generation: int
     events: int
     seconds: float
-
-
-def point_value(tick_value: Decimal, tick_size: Decimal) -> Decimal:
-    """Return tick value / tick size, exactly, with no positive exponent.
-
-    Decimal division keeps the "ideal" exponent, so 15.625 / 0.015625 is ``1E+3``; P&L
-    computed with that would read ``15.625`` instead of ``15.625000`` (golden/pnl_cases
-    ``zn_sub_cent_tick_value``). An integral point value is written with exponent 0.
-    """
-    value = tick_value / tick_size
-    exponent = value.as_tuple().exponent
-    if isinstance(exponent, int) and exponent > 0:
-        value = value.quantize(_ONE)
-    return value
 
 
 def parse_session(value: str | None) -> tuple[time | None, ZoneInfo | None]:
