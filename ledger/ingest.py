@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -304,8 +303,3 @@ def _as_conflict(item: Item, conflict: IdempotencyConflict) -> Item:
     if isinstance(item, Parsed) and item.event.event_id == conflict.event_id:
         return Rejected(item.ref, item.raw, RejectReason.IDEMPOTENCY_CONFLICT, str(conflict))
     return item
-
-
-def now_utc() -> datetime:
-    """Return the current time in UTC."""
-    return datetime.now(UTC)

@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.schema import NOTIFY_CHANNEL
 from ledger.settings import Settings
-from ledger.store import Checkpoint, LightRow, driver_connection
+from ledger.store import Checkpoint, EventStore, LightRow, driver_connection
 from ledger.values import Side, point_value
 from projections import store as sql
 from projections.history import HistoryRow, compact
@@ -456,8 +456,7 @@ class ProjectionRunner:
         self._cache_key = None
 
     async def _read(self, conn: asyncpg.Connection, after: Checkpoint) -> list[LightRow]:
-        rows = await conn.fetch(sql.READ_BATCH, str(after.tx_id), after.position, self.batch_size)
-        return [LightRow(*r) for r in rows]
+        return await EventStore.read_light(conn, after, self.batch_size)
 
     async def _drain(
         self,

@@ -86,15 +86,6 @@ INSTRUMENTS = "SELECT payload::text FROM events WHERE type = 'instrument'"
 # still running, in (transaction id, position) order. The ORDER BY names the table's
 # columns: an unqualified ``tx_id`` would mean the *output* column ``tx_id::text::bigint``,
 # which no index has, and every page would sort the whole log.
-READ_BATCH = """
-SELECT e.global_position, e.tx_id::text::bigint AS tx, e.stream, e.type, e.payload::text,
-       e.recorded_at
-FROM events e
-WHERE (e.tx_id, e.global_position) > ($1::text::xid8, $2::bigint)
-  AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY e.tx_id, e.global_position
-LIMIT $3
-"""
 LOAD_STATES = """
 SELECT stream, state::text FROM proj_positions WHERE generation = $1 AND stream = ANY($2::text[])
 """
