@@ -42,6 +42,7 @@ from ledger.values import Side
 
 __all__ = [
     "GENESIS_HASH",
+    "READ_LIGHT_SQL",
     "AppendResult",
     "Checkpoint",
     "EventStore",
@@ -184,7 +185,7 @@ WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY events.tx_id, events.global_position LIMIT $3
 """
-_READ_ALL_LIGHT = """
+READ_LIGHT_SQL = """
 SELECT global_position, tx_id::text::bigint, stream, type, payload::text, recorded_at
 FROM events
 WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
@@ -393,7 +394,7 @@ class EventStore:
     @staticmethod
     async def read_light(conn: asyncpg.Connection, after: Checkpoint, limit: int) -> list[LightRow]:
         """Return the next rows in gap-free read order, payload undecoded (for the runner)."""
-        rows = await conn.fetch(_READ_ALL_LIGHT, str(after.tx_id), after.position, limit)
+        rows = await conn.fetch(READ_LIGHT_SQL, str(after.tx_id), after.position, limit)
         return [LightRow(*r) for r in rows]
 
     @asynccontextmanager
