@@ -512,7 +512,11 @@ class ProjectionRunner:
                     break
                 last = rows[-1]
                 end = Checkpoint(last.tx_id, last.global_position)
-                nxt = asyncio.ensure_future(self._read(conns.reader, end))
+                # A short page is the head of the log: commit what we have rather than
+                # keep reading a trickle of new events into one ever-growing transaction
+                # (live projections would lag by a whole flush).
+                if len(rows) >= self.batch_size:
+                    nxt = asyncio.ensure_future(self._read(conns.reader, end))
                 page = await self._fold(conns.aux, generation, rows, end, flush)
                 if write is not None:
                     total += await write
