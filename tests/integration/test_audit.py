@@ -16,15 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from typer.testing import CliRunner
+from cli_testing import as_json, invoke, seed
 
-import ledger.cli_audit  # registers the audit commands on the app
-from ledger.audit import append_seal
-from ledger.cli import app
-from ledger.db import make_engine, plain_url
-from ledger.events import parse_event
-from ledger.store import EventStore
-from projections.runner import ProjectionRunner
+from ledger.db import plain_url
 
 ROOT = Path(__file__).resolve().parents[2]
 PX = "TEST.PX"  # tick 0.25, tick value 0.25: point value 1
@@ -85,24 +79,6 @@ def correction(exec_id: str, qty: str, price: str, at: str) -> dict[str, Any]:
     }
 
 
-def seed(db_url: str, records: list[dict[str, Any]], *, seal: bool = False) -> None:
-    """Append each record in its own transaction (arrival order = list order)."""
-
-    async def _seed() -> None:
-        engine = make_engine(db_url)
-        try:
-            store = EventStore(engine)
-            for record in records:
-                await store.append([parse_event(record)])
-            if seal:
-                await ProjectionRunner(engine).catch_up()
-                assert await append_seal(engine) is not None
-        finally:
-            await engine.dispose()
-
-    asyncio.run(_seed())
-
-
 def superuser(db_url: str, *statements: str) -> list[Any]:
     """Run statements as the superuser with the log's immutability triggers off."""
 
@@ -117,15 +93,6 @@ def superuser(db_url: str, *statements: str) -> list[Any]:
             await conn.close()
 
     return asyncio.run(_run())
-
-
-def ledger(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
-
-
-def as_json(result: Any, code: int = 0) -> Any:
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    return json.loads(result.stdout)
 
 
 # ---------------------------------------------------------------- trail/explain
@@ -146,7 +113,7 @@ def test_trail_shows_the_bust_the_late_fill_and_the_restatement(
     cli_env: dict[str, str], db_url: str
 ) -> None:
     seed(db_url, RESTATED)
-    rows = as_json(ledger("trail", "--account", "ACC-1", "--contract", PX, "--format", "json"))
+    rows = as_json(invoke("trail", "--account", "ACC-1", "--contract", PX, "--format", "json"))
     by = {(r["type"], r["exec_id"]): r for r in rows}
     # fold order is event order: the late T-0 comes first, each amendment follows its fill
     assert [(r["type"], r["exec_id"]) for r in rows] == [
@@ -179,7 +146,7 @@ def test_trail_shows_the_bust_the_late_fill_and_the_restatement(
     # as known before the bust arrived, T-2 still stands
     known = rows_known_at(db_url, 5)
     earlier = as_json(
-        ledger(
+        invoke(
             "trail",
             "--account",
             "ACC-1",
@@ -198,9 +165,9 @@ def test_trail_shows_the_bust_the_late_fill_and_the_restatement(
         ("fill", "T-3", ""),
     ]
     assert earlier[-1]["cum_realized_pnl"] == "5"  # 101-99 + 103-100
-    table = ledger("trail", "--account", "ACC-1", "--contract", PX)
+    table = invoke("trail", "--account", "ACC-1", "--contract", PX)
     assert table.exit_code == 0 and "BUSTED" in table.stdout and "LATE" in table.stdout
-    unknown = ledger("trail", "--account", "ACC-9", "--contract", PX)
+    unknown = invoke("trail", "--account", "ACC-9", "--contract", PX)
     assert unknown.exit_code == 2 and "ACC-9" in unknown.output
 
 
@@ -223,7 +190,7 @@ def rows_known_at(db_url: str, position: int) -> str:
 def test_explain_traces_each_lot_to_its_fill(cli_env: dict[str, str], db_url: str) -> None:
     seed(db_url, RESTATED)
     result = as_json(
-        ledger(
+        invoke(
             "explain",
             "--account",
             "ACC-1",
@@ -247,13 +214,13 @@ def test_explain_traces_each_lot_to_its_fill(cli_env: dict[str, str], db_url: st
     assert result["lots"][0]["fill_occurred_at"] == "2026-11-23T10:00:00+00:00"
     assert result["avg_open_price"] == "100"
 
-    now = as_json(ledger("explain", "--account", "ACC-1", "--contract", PX, "--format", "json"))
+    now = as_json(invoke("explain", "--account", "ACC-1", "--contract", PX, "--format", "json"))
     assert [(lot["exec_id"], lot["qty"], lot["price"]) for lot in now["lots"]] == [
         ("T-1", "2", "100"),
         ("T-4", "2", "104.5"),
     ]
     assert now["signed_qty"] == "4"
-    table = ledger("explain", "--account", "ACC-1", "--contract", PX)
+    table = invoke("explain", "--account", "ACC-1", "--contract", PX)
     assert table.exit_code == 0 and "Open FIFO lots" in table.stdout and "T-4" in table.stdout
 
 
@@ -274,7 +241,7 @@ POSITION = {e["exec_id"]: i + 1 for i, e in enumerate(LOG) if e["type"] == "fill
 
 
 def verify(*args: str) -> tuple[int, dict[str, Any]]:
-    result = ledger("verify", "--format", "json", *args)
+    result = invoke("verify", "--format", "json", *args)
     assert result.exit_code in (0, 1), (result.output, result.exception)
     return result.exit_code, json.loads(result.stdout)
 
@@ -298,7 +265,7 @@ def test_verify_passes_on_an_intact_log_and_seals_it(cli_env: dict[str, str], db
     assert code == 0 and more["seal"]["event_count"] == len(LOG) + 2  # + the first seal
     code, final = verify()
     assert (code, final["seals"], final["problems"]) == (0, 2, [])
-    table = ledger("verify")
+    table = invoke("verify")
     assert table.exit_code == 0 and "OK" in table.stdout
 
 
@@ -322,7 +289,7 @@ def test_verify_names_an_edited_payload(cli_env: dict[str, str], db_url: str) ->
     assert [p["stream"] for p in projections] == [f"ACC-1/{PX}"]
     # the edit left every hash as it was, so the seal (over the hashes) still holds
     assert len(report["problems"]) == 2
-    table = ledger("verify")
+    table = invoke("verify")
     assert table.exit_code == 1
     assert f"global position {position}" in table.stdout and "FAILED" in table.stdout
     # a tampered log is never sealed

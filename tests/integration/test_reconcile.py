@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
-from typer.testing import CliRunner
-
-import ledger.cli_audit  # registers the audit commands on the app
-from ledger.cli import app
-from ledger.db import make_engine, plain_url
-from ledger.events import parse_event
-from ledger.store import EventStore
+from cli_testing import as_json, fetchval, invoke, seed
 
 ES = "CON.F.US.EP.Z26"  # tick 0.25, tick value 12.50: point value 50
 PX = "TEST.PX"  # tick 0.25, tick value 0.25: point value 1
@@ -73,41 +65,6 @@ def report(
     return record
 
 
-def seed(db_url: str, records: list[dict[str, Any]]) -> None:
-    """Append each record in its own transaction (arrival order = list order)."""
-
-    async def _seed() -> None:
-        engine = make_engine(db_url)
-        try:
-            store = EventStore(engine)
-            for record in records:
-                await store.append([parse_event(record)])
-        finally:
-            await engine.dispose()
-
-    asyncio.run(_seed())
-
-
-def fetchval(db_url: str, sql: str) -> Any:
-    async def _fetch() -> Any:
-        conn = await asyncpg.connect(plain_url(db_url))
-        try:
-            return await conn.fetchval(sql)
-        finally:
-            await conn.close()
-
-    return asyncio.run(_fetch())
-
-
-def ledger(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
-
-
-def as_json(result: Any, code: int = 0) -> Any:
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    return json.loads(result.stdout)
-
-
 CLEAN = [
     instrument(ES, "0.25", "12.50"),
     fill("ACC-OK", "K-1", "BUY", "2", "5000.00", "09:00:00"),
@@ -150,7 +107,7 @@ BROKEN = [
 
 def test_clean_day_has_no_breaks_and_exits_0(cli_env: dict[str, str], db_url: str) -> None:
     seed(db_url, CLEAN)
-    run = as_json(ledger("reconcile", "--cutoff", CUTOFF, "--format", "json"), 0)
+    run = as_json(invoke("reconcile", "--cutoff", CUTOFF, "--format", "json"), 0)
     assert run["breaks"] == []
     assert run["matched"] == 1
     assert run["cutoff"] == "2026-11-23T21:00:00+00:00"
@@ -161,7 +118,7 @@ def test_injected_breaks_of_every_type_are_found_with_their_exec_ids(
     cli_env: dict[str, str], db_url: str
 ) -> None:
     seed(db_url, CLEAN + BROKEN)
-    run = as_json(ledger("reconcile", "--cutoff", CUTOFF, "--format", "json"), 3)
+    run = as_json(invoke("reconcile", "--cutoff", CUTOFF, "--format", "json"), 3)
     found = {
         (b["type"], b["account"]): (
             b["ledger_value"],
@@ -188,15 +145,15 @@ def test_injected_breaks_of_every_type_are_found_with_their_exec_ids(
 
     # a wider tolerance removes the price break and nothing else
     wide = as_json(
-        ledger("reconcile", "--cutoff", CUTOFF, "--price-tolerance", "0.5", "--format", "json"), 3
+        invoke("reconcile", "--cutoff", CUTOFF, "--price-tolerance", "0.5", "--format", "json"), 3
     )
     assert {b["type"] for b in wide["breaks"]} == {t for t, _ in found} - {"AVG_PRICE_BREAK"}
 
     # table and CSV outputs carry the same breaks
-    table = ledger("reconcile", "--cutoff", CUTOFF)
+    table = invoke("reconcile", "--cutoff", CUTOFF)
     assert table.exit_code == 3
     assert "7 break(s)" in table.stdout and "STALE_BROKER_REPORT" in table.stdout
-    rows = ledger("reconcile", "--cutoff", CUTOFF, "--format", "csv").stdout.splitlines()
+    rows = invoke("reconcile", "--cutoff", CUTOFF, "--format", "csv").stdout.splitlines()
     assert rows[0].startswith("break_id,type,account,contract")
     assert len(rows) == 1 + 7
 
@@ -205,22 +162,22 @@ def test_same_cutoff_gives_same_ids_one_logged_run_and_show_reprints_it(
     cli_env: dict[str, str], db_url: str
 ) -> None:
     seed(db_url, CLEAN + BROKEN)
-    first = as_json(ledger("reconcile", "--cutoff", CUTOFF, "--format", "json"), 3)
-    second = as_json(ledger("reconcile", "--cutoff", CUTOFF, "--format", "json"), 3)
+    first = as_json(invoke("reconcile", "--cutoff", CUTOFF, "--format", "json"), 3)
+    second = as_json(invoke("reconcile", "--cutoff", CUTOFF, "--format", "json"), 3)
     assert first == second
     assert first["run_id"].startswith("rec-20261123T210000000000Z-")
     count = "SELECT count(*) FROM events WHERE type = 'reconciliation'"
     assert fetchval(db_url, count) == 1
 
-    shown = as_json(ledger("reconcile", "--show", first["run_id"], "--format", "json"), 3)
+    shown = as_json(invoke("reconcile", "--show", first["run_id"], "--format", "json"), 3)
     assert shown == first
-    missing = ledger("reconcile", "--show", "rec-nope")
+    missing = invoke("reconcile", "--show", "rec-nope")
     assert missing.exit_code == 2
     assert "rec-nope" in missing.output
 
     # new knowledge (the missing fill arrives) is a new run with its own id
     seed(db_url, [fill("ACC-MISS", "M-3", "BUY", "1", "5002.00", "11:30:00")])
-    third = as_json(ledger("reconcile", "--cutoff", CUTOFF, "--format", "json"), 3)
+    third = as_json(invoke("reconcile", "--cutoff", CUTOFF, "--format", "json"), 3)
     assert third["run_id"] != first["run_id"]
     assert ("POSITION_QTY_BREAK", "ACC-MISS") not in {
         (b["type"], b["account"]) for b in third["breaks"]
@@ -244,7 +201,7 @@ def test_propose_prices_reproduce_the_brokers_average(cli_env: dict[str, str], d
             report("ACC-Q", "-5", "101", "20:00:00", contract=PX),
         ],
     )
-    run = as_json(ledger("reconcile", "--cutoff", CUTOFF, "--propose", "--format", "json"), 3)
+    run = as_json(invoke("reconcile", "--cutoff", CUTOFF, "--propose", "--format", "json"), 3)
     proposals = {p["account"]: p for p in run["proposals"]}
     assert (proposals["ACC-P"]["side"], proposals["ACC-P"]["qty"]) == ("BUY", "50")
     assert proposals["ACC-P"]["price"] == "106"  # (150*102 - 100*100) / 50
@@ -252,7 +209,7 @@ def test_propose_prices_reproduce_the_brokers_average(cli_env: dict[str, str], d
     assert (proposals["ACC-Q"]["side"], proposals["ACC-Q"]["qty"]) == ("SELL", "15")
     assert proposals["ACC-Q"]["price"] == "101"
     assert {p["break_id"] for p in run["proposals"]} == {b["break_id"] for b in run["breaks"]}
-    table = ledger("reconcile", "--cutoff", CUTOFF, "--propose")
+    table = invoke("reconcile", "--cutoff", CUTOFF, "--propose")
     assert "Proposed fills" in table.stdout and "106" in table.stdout
     # proposals are printed, never appended
     assert fetchval(db_url, "SELECT count(*) FROM events WHERE type = 'fill'") == 2
@@ -270,7 +227,7 @@ def test_broker_statement_files_csv_and_projectx(
         f"ACC-NEW,{ES},-2,\n"
     )
     run = as_json(
-        ledger(
+        invoke(
             "reconcile", "--cutoff", CUTOFF, "--broker-file", str(statement), "--format", "json"
         ),
         3,
@@ -311,7 +268,7 @@ def test_broker_statement_files_csv_and_projectx(
         )
     )
     run = as_json(
-        ledger(
+        invoke(
             "reconcile", "--cutoff", CUTOFF, "--broker-file", str(searchopen), "--format", "json"
         ),
         3,
@@ -322,7 +279,7 @@ def test_broker_statement_files_csv_and_projectx(
 
     bad = tmp_path / "bad.csv"
     bad.write_text(f"account,contract,signed_qty,avg_price\nACC-OK,{ES},lots,5000\n")
-    result = ledger("reconcile", "--cutoff", CUTOFF, "--broker-file", str(bad))
+    result = invoke("reconcile", "--cutoff", CUTOFF, "--broker-file", str(bad))
     assert result.exit_code == 2
     assert "bad.csv:2" in result.output and "signed_qty" in result.output
     assert "'lots'" in result.output
@@ -333,7 +290,7 @@ def test_cutoff_only_sees_reports_and_fills_up_to_it(
     cli_env: dict[str, str], db_url: str, cutoff: str
 ) -> None:
     seed(db_url, CLEAN + BROKEN[:4])
-    run = as_json(ledger("reconcile", "--cutoff", cutoff, "--format", "json"), 3)
+    run = as_json(invoke("reconcile", "--cutoff", cutoff, "--format", "json"), 3)
     # at 11:59 the ACC-MISS 10:00 report still matches, but M-2 (11:00) came after it
     assert [(b["type"], b["account"], b["exec_ids"]) for b in run["breaks"]] == [
         ("STALE_BROKER_REPORT", "ACC-MISS", ["M-2"]),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import os
 import re
@@ -13,16 +12,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import polars as pl
 import pytest
-from typer.testing import CliRunner
-
-import ledger.cli_audit  # registers the audit commands on the app
-from ledger.cli import app
-from ledger.db import make_engine, plain_url
-from ledger.events import parse_event
-from ledger.store import EventStore
+from cli_testing import fetchval, invoke, seed
 
 ES = "CON.F.US.EP.Z26"  # point value 50
 NQ = "CON.F.US.ENQ.Z26"  # tick 0.25, tick value 5: point value 20
@@ -91,34 +83,6 @@ DAY_EVENTS: list[dict[str, Any]] = [
 ]
 
 
-def seed(db_url: str, records: list[dict[str, Any]]) -> None:
-    async def _seed() -> None:
-        engine = make_engine(db_url)
-        try:
-            store = EventStore(engine)
-            for record in records:
-                await store.append([parse_event(record)])
-        finally:
-            await engine.dispose()
-
-    asyncio.run(_seed())
-
-
-def fetchval(db_url: str, sql: str) -> Any:
-    async def _fetch() -> Any:
-        conn = await asyncpg.connect(plain_url(db_url))
-        try:
-            return await conn.fetchval(sql)
-        finally:
-            await conn.close()
-
-    return asyncio.run(_fetch())
-
-
-def ledger(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
-
-
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
@@ -158,10 +122,10 @@ def test_eod_report_files_hold_the_days_numbers(
     cli_env: dict[str, str], db_url: str, tmp_path: Path
 ) -> None:
     seed(db_url, DAY_EVENTS)
-    run = ledger("reconcile", "--cutoff", at("21:00:00"), "--format", "json")
+    run = invoke("reconcile", "--cutoff", at("21:00:00"), "--format", "json")
     assert run.exit_code == 3, run.output  # ACC-2 holds 2 in the ledger, 1 at the broker
     out = tmp_path / "eod"
-    result = ledger("report", "--date", DAY, "--out", str(out))
+    result = invoke("report", "--date", DAY, "--out", str(out))
     assert result.exit_code == 0, (result.output, result.exception)
     stem = f"eod-{DAY}"
     for name in ("positions", "pnl", "breaks", "pnl-curve"):
@@ -209,12 +173,12 @@ def test_eod_report_files_hold_the_days_numbers(
             }
         ],
     )
-    ledger("report", "--date", DAY, "--out", str(tmp_path / "after"))
+    invoke("report", "--date", DAY, "--out", str(tmp_path / "after"))
     after = {
         (r["account"], r["contract"]): r for r in read_csv(tmp_path / "after" / f"{stem}-pnl.csv")
     }
     assert after[("ACC-2", ES)]["realized_pnl"] == "300"  # F-3 now closes F-1 at 4996
-    known = ledger(
+    known = invoke(
         "report", "--date", DAY, "--out", str(tmp_path / "then"), "--as-known-at", known_at
     )
     assert known.exit_code == 0, known.output
@@ -228,9 +192,9 @@ def test_eod_report_renders_in_headless_chromium(
     cli_env: dict[str, str], db_url: str, tmp_path: Path
 ) -> None:
     seed(db_url, DAY_EVENTS)
-    ledger("reconcile", "--cutoff", at("21:00:00"))
+    invoke("reconcile", "--cutoff", at("21:00:00"))
     out = tmp_path / "eod"
-    assert ledger("report", "--date", DAY, "--out", str(out)).exit_code == 0
+    assert invoke("report", "--date", DAY, "--out", str(out)).exit_code == 0
     page = out / f"eod-{DAY}.html"
     source = page.read_text()
     # self-contained: nothing to fetch, no script at all

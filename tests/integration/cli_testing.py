@@ -1,0 +1,59 @@
+"""Helpers shared by the audit, reconciliation and report tests (not a test module)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import asyncpg
+from typer.testing import CliRunner
+
+from ledger.audit import append_seal
+from ledger.cli import app
+from ledger.db import make_engine, plain_url
+from ledger.events import parse_event
+from ledger.store import EventStore
+from projections.runner import ProjectionRunner
+
+
+def seed(db_url: str, records: list[dict[str, Any]], *, seal: bool = False) -> None:
+    """Append each record in its own transaction (arrival order = list order)."""
+
+    async def _seed() -> None:
+        engine = make_engine(db_url)
+        try:
+            store = EventStore(engine)
+            for record in records:
+                await store.append([parse_event(record)])
+            if seal:
+                await ProjectionRunner(engine).catch_up()
+                assert await append_seal(engine) is not None
+        finally:
+            await engine.dispose()
+
+    asyncio.run(_seed())
+
+
+def fetchval(db_url: str, sql: str) -> Any:
+    """Return one value of ``sql`` on the test's database."""
+
+    async def _fetch() -> Any:
+        conn = await asyncpg.connect(plain_url(db_url))
+        try:
+            return await conn.fetchval(sql)
+        finally:
+            await conn.close()
+
+    return asyncio.run(_fetch())
+
+
+def invoke(*args: str) -> Any:
+    """Invoke the CLI in-process (the environment comes from the cli_env fixture)."""
+    return CliRunner().invoke(app, list(args))
+
+
+def as_json(result: Any, code: int = 0) -> Any:
+    """Assert the exit code and return the command's JSON output."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    return json.loads(result.stdout)
