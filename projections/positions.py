@@ -393,35 +393,73 @@ def apply_fill(state: PositionState, fill: FillInput) -> FillEffect:
         OutOfOrderFill: the fill sorts at or before the last folded fill.
         FoldError: ``fill.qty`` is not greater than zero.
     """
-    price = fill.price
-    qty = fill.qty
+    before, after, realized_fifo, realized_wac, closed = _fold_fill(
+        state,
+        fill.exec_id,
+        fill.side is Side.BUY,
+        fill.qty,
+        fill.price,
+        fill.fee,
+        fill.occurred_at,
+        fill.position,
+    )
+    return FillEffect(
+        exec_id=fill.exec_id,
+        position=fill.position,
+        occurred_at=fill.occurred_at,
+        side=fill.side,
+        qty=fill.qty,
+        price=fill.price,
+        fee=fill.fee,
+        qty_before=before,
+        qty_after=after,
+        realized_fifo=realized_fifo,
+        realized_wac=realized_wac,
+        closed_lots=tuple(closed),
+    )
+
+
+def _fold_fill(
+    state: PositionState,
+    exec_id: str,
+    buying: bool,
+    qty: Decimal,
+    price: Decimal,
+    fee: Decimal,
+    occurred_at: datetime,
+    position: int,
+) -> tuple[Decimal, Decimal, Decimal, Decimal, list[tuple[str, Decimal, Decimal]]]:
+    """The body of :func:`apply_fill` on plain values (no per-fill objects).
+
+    Returns ``(qty_before, qty_after, realized_fifo, realized_wac, closed_lots)``.
+    """
     if price % state.tick_size != 0:
         raise OffTickPrice(
-            f"price {price} of execution {fill.exec_id} is not a multiple of "
+            f"price {price} of execution {exec_id} is not a multiple of "
             f"tick_size {state.tick_size} for {state.account}/{state.contract}"
         )
     if qty <= 0:
-        raise FoldError(f"qty of execution {fill.exec_id} must be greater than 0, got {qty}")
-    key = (fill.occurred_at, fill.position)
-    if state.last_key is not None and key <= state.last_key:
+        raise FoldError(f"qty of execution {exec_id} must be greater than 0, got {qty}")
+    key = (occurred_at, position)
+    last_key = state.last_key
+    if last_key is not None and key <= last_key:
         raise OutOfOrderFill(
-            f"execution {fill.exec_id} at (occurred_at={fill.occurred_at.isoformat()}, "
-            f"position={fill.position}) does not sort after the last folded fill "
-            f"(occurred_at={state.last_key[0].isoformat()}, position={state.last_key[1]}); "
+            f"execution {exec_id} at (occurred_at={occurred_at.isoformat()}, "
+            f"position={position}) does not sort after the last folded fill "
+            f"(occurred_at={last_key[0].isoformat()}, position={last_key[1]}); "
             "replay the stream"
         )
 
-    pv = state.point_value
     before = state.signed_qty
-    buying = fill.side is Side.BUY
     realized_fifo = _ZERO
     realized_wac = _ZERO
     closed: list[tuple[str, Decimal, Decimal]] = []
-    lots = state.lots
 
-    if before == 0 or (before > 0) == buying:
+    if not before or (before > 0) == buying:
         open_qty = qty
     else:
+        pv = state.point_value
+        lots = state.lots
         held = -before if before < 0 else before
         close_qty = qty if qty < held else held
         # FIFO: consume lots oldest first.
@@ -432,8 +470,9 @@ def apply_fill(state: PositionState, fill: FillInput) -> FillEffect:
             lot_abs = -lot_qty if lot_qty < 0 else lot_qty
             take = lot_abs if lot_abs < remaining else remaining
             signed_take = take if lot_qty > 0 else -take
-            realized_fifo += signed_take * (price - lot.price) * pv
-            closed.append((lot.exec_id, take, lot.price))
+            lot_price = lot.price
+            realized_fifo += signed_take * (price - lot_price) * pv
+            closed.append((lot.exec_id, take, lot_price))
             remaining -= take
             if take == lot_abs:
                 consumed += 1
@@ -455,34 +494,21 @@ def apply_fill(state: PositionState, fill: FillInput) -> FillEffect:
         open_qty = qty - close_qty
 
     if open_qty:
-        lots.append(Lot(fill.exec_id, open_qty if buying else -open_qty, price, fill.occurred_at))
-        state.wac_basis += open_qty * price * pv
+        state.lots.append(Lot(exec_id, open_qty if buying else -open_qty, price, occurred_at))
+        state.wac_basis += open_qty * price * state.point_value
 
     after = before + qty if buying else before - qty
     state.signed_qty = after
-    state.fees += fill.fee
-    if after == 0:
+    state.fees += fee
+    if not after:
         state.opened_at = None
-        state.closed_at = fill.occurred_at
-    elif before == 0 or (before > 0) != (after > 0):
-        state.opened_at = fill.occurred_at
-    state.last_fill_at = fill.occurred_at
+        state.closed_at = occurred_at
+    elif not before or (before > 0) != (after > 0):
+        state.opened_at = occurred_at
+    state.last_fill_at = occurred_at
     state.last_key = key
     state.fill_count += 1
-    return FillEffect(
-        exec_id=fill.exec_id,
-        position=fill.position,
-        occurred_at=fill.occurred_at,
-        side=fill.side,
-        qty=qty,
-        price=price,
-        fee=fill.fee,
-        qty_before=before,
-        qty_after=after,
-        realized_fifo=realized_fifo,
-        realized_wac=realized_wac,
-        closed_lots=tuple(closed),
-    )
+    return before, after, realized_fifo, realized_wac, closed
 
 
 def effective_fills(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import io
 import logging
 import os
 from collections import OrderedDict
@@ -47,12 +46,12 @@ from ledger.values import Side, point_value
 from projections import store as sql
 from projections.history import HistoryRow, compact
 from projections.pnl import trading_day
+from projections.positions import _ZERO as _FOLD_ZERO  # what the fold realizes on opening
 from projections.positions import (
-    FillEffect,
     FillInput,
     FoldError,
     PositionState,
-    apply_fill,
+    _fold_fill,
     new_state,
 )
 
@@ -66,6 +65,42 @@ _ZERO = Decimal(0)
 _ONE = Decimal(1)
 _DEFAULT_BATCH = 5000
 _REBUILD_FLUSH_EVENTS = 200_000
+_JOURNAL_ROWS = 250_000
+_YIELD_MASK = 511  # fold this many rows + 1 between chances for other tasks to run
+
+# What one fill did, as the runner keeps it: (exec_id, position, occurred_at, side text, fee,
+# qty_before, qty_after, realized_fifo, realized_wac, str(qty), str(price), str(fee)); the
+# fields of a ``FillEffect`` without its per-fill object.
+_Effect = tuple[
+    str,
+    int,
+    datetime,
+    str,
+    Decimal,
+    Decimal,
+    Decimal,
+    Decimal,
+    Decimal,
+    str,
+    str,
+    str,
+]
+
+# Payload decimal text -> (its Decimal, str() of it): quantities, prices and fees repeat,
+# so a page parses and prints each distinct one once. Bounded; Decimals are immutable.
+_DECIMALS: dict[Any, tuple[Decimal, str]] = {}
+_DECIMALS_MAX = 100_000
+
+
+def _decimal(text: Any) -> tuple[Decimal, str]:
+    """Return ``(Decimal(text), str(Decimal(text)))``, cached."""
+    hit = _DECIMALS.get(text)
+    if hit is None:
+        value = Decimal(text)
+        if len(_DECIMALS) >= _DECIMALS_MAX:
+            _DECIMALS.clear()
+        hit = _DECIMALS[text] = (value, str(value))
+    return hit
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +229,7 @@ class _Page:
     """What one page of the log changes, collected while folding it."""
 
     end: Checkpoint
-    effects: dict[str, list[FillEffect]] = field(default_factory=dict)
+    effects: dict[str, list[_Effect]] = field(default_factory=dict)
     cum_before: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
     restate: dict[str, int] = field(default_factory=dict)  # stream -> last position read
     snapshots: list[tuple[str, int, int, datetime, datetime, str]] = field(default_factory=list)
@@ -236,6 +271,15 @@ class ProjectionRunner:
         # per cached stream: the latest recorded_at of the events its state holds
         self._known: dict[str, datetime] = {}
         self._cache_key: tuple[int, int, int] | None = None  # (generation, tx, position)
+        # Restating from memory: while a drain that began at the start of the log keeps
+        # its cache, every fill, bust and correction of a stream passed through _fold, so
+        # a restatement can replay them from here instead of reading the stream back.
+        # None: off. Streams evicted from the cache or over the row budget are "lost"
+        # and restate from the log as before. Bounded by journal_rows rows in all.
+        self.journal_rows = _JOURNAL_ROWS
+        self._journal: dict[str, list[LightRow]] | None = None
+        self._journal_lost: set[str] = set()
+        self._journal_size = 0
 
     # ------------------------------------------------------------------ public
 
@@ -454,6 +498,37 @@ class ProjectionRunner:
         self._cache.clear()
         self._known.clear()
         self._cache_key = None
+        self._journal = None
+        self._journal_lost.clear()
+        self._journal_size = 0
+
+    def _journal_trim(self) -> None:
+        """Keep the journal within its row budget: forget the least recently used
+        streams' rows (they restate from the log)."""
+        journal = self._journal
+        if journal is None or self._journal_size <= self.journal_rows:
+            return
+        target = self.journal_rows * 3 // 4
+        for stream in list(self._cache):
+            if self._journal_size <= target:
+                break
+            if stream in journal:
+                self._journal_drop(stream)
+        if self._journal_size > target:
+            for stream in list(journal):
+                if self._journal_size <= target:
+                    break
+                self._journal_drop(stream)
+
+    def _journal_drop(self, stream: str) -> None:
+        """Stop remembering ``stream``: it restates from the log from now on."""
+        journal = self._journal
+        if journal is None:
+            return
+        rows = journal.pop(stream, None)
+        if rows is not None:
+            self._journal_size -= len(rows)
+        self._journal_lost.add(stream)
 
     async def _read(self, conn: asyncpg.Connection, after: Checkpoint) -> list[LightRow]:
         return await EventStore.read_light(conn, after, self.batch_size)
@@ -500,6 +575,18 @@ class ProjectionRunner:
         writer = conns.writer
         flush = _Flush(start)
         total = 0
+        if (
+            self._journal is None
+            and not self._cache
+            and start.tx_id == 0
+            and start.position == 0
+            and self.journal_rows > 0
+        ):
+            # from the start of the log with nothing cached: every stream event comes
+            # through _fold from here on, so memory holds whole streams
+            self._journal = {}
+            self._journal_lost.clear()
+            self._journal_size = 0
         write: asyncio.Task[int] | None = None
         nxt: asyncio.Task[list[LightRow]] | None = asyncio.ensure_future(
             self._read(conns.reader, start)
@@ -655,7 +742,8 @@ class ProjectionRunner:
             await self._write_flush(conn, generation, flush, self._position_rows(flush.dirty), end)
             # compacted before it serves: no reader sees a window of raw detail
             await self.compact_history(conn, generation)
-            await conn.execute(sql.SWAP, generation)
+            await conn.execute(sql.RETIRE_SERVING, generation)
+            await conn.execute(sql.SERVE, generation)
             await flush.tx.commit()
         except BaseException:
             await flush.tx.rollback()
@@ -734,10 +822,28 @@ class ProjectionRunner:
         effects_of = page.effects
         restate = page.restate
         every = self.snapshot_every
-        for row in rows:
+        fold_fill = _fold_fill
+        decimal = _decimal
+        buy = Side.BUY
+        journal = self._journal
+        lost = self._journal_lost
+        journaled = 0
+        for i, row in enumerate(rows):
+            if not i & _YIELD_MASK and i:
+                # let the writer's round trips (COPY of the previous page) go on while
+                # this page folds, rather than all wait for the end of the page
+                await asyncio.sleep(0)
             kind = row.type
             if kind == "fill":
                 stream = row.stream
+                if journal is not None:
+                    mine = journal.get(stream)
+                    if mine is not None:
+                        mine.append(row)
+                        journaled += 1
+                    elif stream not in lost:
+                        journal[stream] = [row]
+                        journaled += 1
                 seen = known.get(stream)
                 if seen is None or row.recorded_at > seen:
                     known[stream] = row.recorded_at
@@ -754,21 +860,35 @@ class ProjectionRunner:
                 if last_key is not None and (occurred_at, position) <= last_key:
                     restate[stream] = position  # a late fill: replay the stream
                     continue
-                fill = FillInput(
-                    p["exec_id"],
-                    _SIDES[p["side"]],
-                    Decimal(p["qty"]),
-                    Decimal(p["price"]),
-                    Decimal(p["fee"]),
-                    occurred_at,
-                    position,
-                    p.get("order_id"),
-                )
+                exec_id = p["exec_id"]
+                side_s = p["side"]
+                side = _SIDES[side_s]
+                qty, qty_s = decimal(p["qty"])
+                price, price_s = decimal(p["price"])
+                fee, fee_s = decimal(p["fee"])
                 effects = effects_of.get(stream)
                 if effects is None:
                     effects = effects_of[stream] = []
                     page.cum_before[stream] = (state.realized_fifo, state.realized_wac)
-                effects.append(apply_fill(state, fill))
+                before, after, realized_fifo, realized_wac, _ = fold_fill(
+                    state, exec_id, side is buy, qty, price, fee, occurred_at, position
+                )
+                effects.append(
+                    (
+                        exec_id,
+                        position,
+                        occurred_at,
+                        side_s,
+                        fee,
+                        before,
+                        after,
+                        realized_fifo,
+                        realized_wac,
+                        qty_s,
+                        price_s,
+                        fee_s,
+                    )
+                )
                 cache.move_to_end(stream)
                 if state.fill_count % every == 0:
                     page.snapshots.append(
@@ -783,6 +903,14 @@ class ProjectionRunner:
                     )
             elif kind == "bust" or kind == "correction":
                 stream = row.stream
+                if journal is not None:
+                    mine = journal.get(stream)
+                    if mine is not None:
+                        mine.append(row)
+                        journaled += 1
+                    elif stream not in lost:
+                        journal[stream] = [row]
+                        journaled += 1
                 seen = known.get(stream)
                 if seen is None or row.recorded_at > seen:
                     known[stream] = row.recorded_at
@@ -790,8 +918,11 @@ class ProjectionRunner:
             elif kind == "instrument":
                 self._add_instrument(orjson.loads(row.payload))
             # marks, broker reports, reconciliation runs and seals change no position
+        if journal is not None:
+            self._journal_size += journaled
         if restate:
             await self._restate(conn, page)
+        self._journal_trim()
         self._collect(generation, page, flush)
         return page
 
@@ -800,17 +931,31 @@ class ProjectionRunner:
         streams = sorted(page.restate)
         end = page.end
         by_stream: dict[str, list[tuple[int, str, str, datetime]]] = {s: [] for s in streams}
-        for stream, position, kind, payload, recorded_at in await conn.fetch(
-            sql.STREAMS_FILLS_UPTO, streams, str(end.tx_id), end.position
-        ):
-            by_stream[stream].append((position, kind, payload, recorded_at))
+        journal = self._journal
+        lost = self._journal_lost
+        if journal is None:
+            unknown = streams
+        else:
+            # every row of these streams up to the page's end went through _fold
+            unknown = [s for s in streams if s in lost]
+            for s in streams:
+                if s not in lost:
+                    by_stream[s] = [
+                        (r.global_position, r.type, r.payload, r.recorded_at)
+                        for r in journal.get(s, ())
+                    ]
+        if unknown:
+            for stream, position, kind, payload, recorded_at in await conn.fetch(
+                sql.STREAMS_FILLS_UPTO, unknown, str(end.tx_id), end.position
+            ):
+                by_stream[stream].append((position, kind, payload, recorded_at))
         page.forget = streams
         for stream in streams:
             events = by_stream[stream]
             account, contract = stream.split("/", 1)
             instrument = self._instrument(contract)
             state = new_state(account, contract, instrument.point_value, instrument.tick_size)
-            effects = [apply_fill(state, f) for f in _effective_fills(events)]
+            effects = [_effect(state, f) for f in _effective_fills(events)]
             self._cache[stream] = state
             self._cache.move_to_end(stream)
             latest = max((e[3] for e in events), default=None)
@@ -840,8 +985,12 @@ class ProjectionRunner:
         page mutates the states)."""
         history = page.history
         cache = self._cache
-        side_text = _SIDE_TEXT
+        zero = _FOLD_ZERO
         daily_all = flush.daily
+        utc_days = self._utc_days
+        utc = UTC
+        copy_text = _copy_text
+        day_text: dict[date, str] = {}
         for stream in page.forget:
             daily_all[stream] = {}  # the stream's daily rows are rewritten from scratch
         for stream, effects in page.effects.items():
@@ -858,25 +1007,51 @@ class ProjectionRunner:
             daily = daily_all.get(stream)
             if daily is None:
                 daily = daily_all[stream] = {}
-            for e in effects:
-                cum_fifo += e.realized_fifo
-                cum_wac += e.realized_wac
-                day = self._day(e.occurred_at)
+            # a fill's qty_before is the previous fill's qty_after (the same object)
+            last_after: Decimal | None = None
+            last_after_s = ""
+            for (
+                exec_id,
+                position,
+                occurred_at,
+                side_s,
+                fee,
+                before,
+                after,
+                realized_fifo,
+                realized_wac,
+                qty_s,
+                price_s,
+                fee_s,
+            ) in effects:
+                cum_fifo += realized_fifo
+                cum_wac += realized_wac
+                if utc_days and occurred_at.tzinfo is utc:
+                    day = occurred_at.date()
+                else:
+                    day = self._day(occurred_at)
+                day_s = day_text.get(day)
+                if day_s is None:
+                    day_s = day_text[day] = day.isoformat()
+                before_s = last_after_s if before is last_after else str(before)
+                last_after = after
+                last_after_s = str(after)
                 # (str() of a Decimal is twice as fast as its __format__)
                 history.append(
-                    f"{prefix}{e.position}{middle}{_copy_text(e.exec_id)}\t"
-                    f"{e.occurred_at.isoformat()}\t{day.isoformat()}\t{side_text[e.side]}\t"
-                    f"{e.qty!s}\t{e.price!s}\t{e.qty_before!s}\t{e.qty_after!s}\t"
-                    f"{e.realized_fifo!s}\t{e.realized_wac!s}\t{cum_fifo!s}\t"
-                    f"{cum_wac!s}\t{e.fee!s}\n"
+                    f"{prefix}{position}{middle}{copy_text(exec_id)}\t"
+                    f"{occurred_at.isoformat()}\t{day_s}\t{side_s}\t"
+                    f"{qty_s}\t{price_s}\t{before_s}\t{last_after_s}\t"
+                    f"{'0' if realized_fifo is zero else str(realized_fifo)}\t"
+                    f"{'0' if realized_wac is zero else str(realized_wac)}\t{cum_fifo!s}\t"
+                    f"{cum_wac!s}\t{fee_s}\n"
                 )
                 bucket = daily.get(day)
                 if bucket is None:
-                    daily[day] = [account, contract, e.realized_fifo, e.realized_wac, e.fee, 1]
+                    daily[day] = [account, contract, realized_fifo, realized_wac, fee, 1]
                 else:
-                    bucket[2] += e.realized_fifo
-                    bucket[3] += e.realized_wac
-                    bucket[4] += e.fee
+                    bucket[2] += realized_fifo
+                    bucket[3] += realized_wac
+                    bucket[4] += fee
                     bucket[5] += 1
         for stream in page.forget:
             flush.dirty.add(stream)
@@ -915,7 +1090,7 @@ class ProjectionRunner:
         if page.history:
             await conn.copy_to_table(
                 "proj_history",
-                source=io.BytesIO("".join(page.history).encode()),
+                source=memoryview("".join(page.history).encode()),
                 columns=sql.HISTORY_COLUMNS,
                 format="text",
             )
@@ -945,6 +1120,7 @@ class ProjectionRunner:
                 continue
             del cache[stream]
             self._known.pop(stream, None)
+            self._journal_drop(stream)
             excess -= 1
 
 
@@ -956,6 +1132,27 @@ def _copy_text(value: str) -> str:
     if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
         return value.translate(_COPY_ESCAPES)
     return value
+
+
+def _effect(state: PositionState, f: FillInput) -> _Effect:
+    """Fold ``f`` into ``state`` and return its effect as the runner keeps it."""
+    before, after, realized_fifo, realized_wac, _ = _fold_fill(
+        state, f.exec_id, f.side is Side.BUY, f.qty, f.price, f.fee, f.occurred_at, f.position
+    )
+    return (
+        f.exec_id,
+        f.position,
+        f.occurred_at,
+        _SIDE_TEXT[f.side],
+        f.fee,
+        before,
+        after,
+        realized_fifo,
+        realized_wac,
+        str(f.qty),
+        str(f.price),
+        str(f.fee),
+    )
 
 
 def _effective_fills(events: list[tuple[int, str, str, datetime]]) -> list[FillInput]:

@@ -67,11 +67,14 @@ ADVANCE = """
 UPDATE projection_checkpoint SET tx_id = $2, position = $3, events = events + $4, updated_at = now()
 WHERE generation = $1
 """
-SWAP = """
-UPDATE projection_checkpoint
-SET status = CASE WHEN generation = $1 THEN 'serving' ELSE 'retired' END,
-    swapped_at = CASE WHEN generation = $1 THEN now() ELSE swapped_at END
-WHERE generation = $1 OR status = 'serving'
+# Two statements, in this order, inside one transaction: the unique index that allows
+# one serving generation is checked row by row, so flipping both rows in one UPDATE
+# fails whenever the new row happens to be updated first.
+RETIRE_SERVING = """
+UPDATE projection_checkpoint SET status = 'retired' WHERE status = 'serving' AND generation <> $1
+"""
+SERVE = """
+UPDATE projection_checkpoint SET status = 'serving', swapped_at = now() WHERE generation = $1
 """
 RETIRED = "SELECT generation FROM projection_checkpoint WHERE status = 'retired'"
 DROP_GENERATION_TABLES = (

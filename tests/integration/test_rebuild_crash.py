@@ -26,7 +26,9 @@ from test_projections import (
     snapshot_serving,
 )
 
+from ledger.events import Event, parse_event
 from ledger.store import EventStore, driver_connection
+from projections import store as sql
 from projections.runner import ProjectionRunner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,3 +257,47 @@ async def test_rebuild_killed_mid_batch_then_resumed_equals_incremental(
     await ProjectionRunner(engine, batch_size=77).rebuild()
     assert [r[:2] for r in await checkpoints(engine)] == [(2, "serving")]
     assert await snapshot_serving(engine) == before
+
+
+async def test_swap_succeeds_when_the_serving_checkpoint_moved_during_the_rebuild(
+    engine: AsyncEngine,
+) -> None:
+    """The swap retires the old generation before serving the new one (one unique index).
+
+    The serving checkpoint advancing while a rebuild runs leaves its row version after the
+    building row; a single UPDATE flipping both then meets the building row first.
+    """
+    store = EventStore(engine)
+
+    def fills(start: int, stop: int) -> list[Event]:
+        return [
+            parse_event(
+                {
+                    "type": "fill",
+                    "account": f"A{i % 3}",
+                    "contract": "ES",
+                    "exec_id": f"R-{i}",
+                    "side": "BUY" if i % 2 else "SELL",
+                    "qty": "1",
+                    "price": "5000.25",
+                    "occurred_at": f"2026-11-23T14:00:{i:02d}Z",
+                }
+            )
+            for i in range(start, stop)
+        ]
+
+    instrument = {"type": "instrument", "contract": "ES", "tick_size": "0.25", "tick_value": "12.5"}
+    await store.append([parse_event(instrument), *fills(0, 20)])
+    runner = ProjectionRunner(engine)
+    await runner.catch_up()
+    for round_ in range(3):
+        async with engine.connect() as sa_conn:
+            conn = await driver_connection(sa_conn)
+            await conn.fetchval(sql.NEW_BUILDING)  # a rebuild has started ...
+        await store.append(fills(20 + round_ * 10, 30 + round_ * 10))
+        await ProjectionRunner(engine).catch_up()  # ... and the serving one moves on
+        result = await runner.rebuild()  # resumes the building generation and swaps it in
+        async with engine.connect() as sa_conn:
+            conn = await driver_connection(sa_conn)
+            rows = await conn.fetch("SELECT generation, status FROM projection_checkpoint")
+        assert [(r["generation"], r["status"]) for r in rows] == [(result.generation, "serving")]
