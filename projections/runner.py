@@ -834,7 +834,7 @@ class ProjectionRunner:
                 # this page folds, rather than all wait for the end of the page
                 await asyncio.sleep(0)
             kind = row.type
-            if kind == "fill":
+            if kind == "fill" or kind == "bust" or kind == "correction":
                 stream = row.stream
                 if journal is not None:
                     mine = journal.get(stream)
@@ -847,7 +847,9 @@ class ProjectionRunner:
                 seen = known.get(stream)
                 if seen is None or row.recorded_at > seen:
                     known[stream] = row.recorded_at
-                if stream in restate:
+                if kind != "fill" or stream in restate:
+                    # a bust or correction restates its stream, and so does every later
+                    # event of a stream already restating in this page
                     restate[stream] = row.global_position
                     continue
                 p = orjson.loads(row.payload)
@@ -901,20 +903,6 @@ class ProjectionRunner:
                             orjson.dumps(state.to_json()).decode(),
                         )
                     )
-            elif kind == "bust" or kind == "correction":
-                stream = row.stream
-                if journal is not None:
-                    mine = journal.get(stream)
-                    if mine is not None:
-                        mine.append(row)
-                        journaled += 1
-                    elif stream not in lost:
-                        journal[stream] = [row]
-                        journaled += 1
-                seen = known.get(stream)
-                if seen is None or row.recorded_at > seen:
-                    known[stream] = row.recorded_at
-                restate[stream] = row.global_position
             elif kind == "instrument":
                 self._add_instrument(orjson.loads(row.payload))
             # marks, broker reports, reconciliation runs and seals change no position
