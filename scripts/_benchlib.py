@@ -80,9 +80,12 @@ def database_url(cli_url: str | None) -> str:
 
 @asynccontextmanager
 async def throwaway_database(
-    url: str, *, label: str = "", migrated: bool = True
+    url: str, *, label: str = "", migrated: bool = True, keep: bool = False
 ) -> AsyncIterator[str]:
-    """Create ``bench_<random>`` on the server of ``url``, migrate it, yield its URL, drop it."""
+    """Create ``bench_<random>`` on the server of ``url``, migrate it, yield its URL, drop it.
+
+    With ``keep`` the database is left in place (its name is printed) for inspection.
+    """
     name = f"bench_{label}{secrets.token_hex(4)}"
     admin = await asyncpg.connect(plain_url(url))
     try:
@@ -95,11 +98,14 @@ async def throwaway_database(
             await migrate(db_url)
         yield db_url
     finally:
-        admin = await asyncpg.connect(plain_url(url))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        if keep:
+            print(f"kept database {name}")
+        else:
+            admin = await asyncpg.connect(plain_url(url))
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await admin.close()
 
 
 async def server_settings(url: str) -> str:
