@@ -16,7 +16,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
 from typing import Annotated, Any, Literal, TypeAlias
 
 import orjson
@@ -59,11 +59,10 @@ __all__ = [
     "MarkPriceSet",
     "ReconciliationCompleted",
     "Timestamp",
-    "canonical_json",
     "canonical_value",
-    "content_digest",
     "decode_json",
     "describe_validation_error",
+    "encode_content",
     "event_from_stored",
     "event_id_for",
     "fill_event_id",
@@ -435,6 +434,9 @@ def event_from_stored(payload: Mapping[str, Any]) -> Event:
     return _EVENT_ADAPTER.validate_python(payload)
 
 
+_EXACT = Context(prec=100, Emax=MAX_EMAX, Emin=MIN_EMIN)
+
+
 def canonical_value(value: Any) -> Any:
     """Return ``value`` with decimals normalized and timestamps in UTC ISO form."""
     kind = type(value)
@@ -442,7 +444,9 @@ def canonical_value(value: Any) -> Any:
         return value
     if kind is Decimal:
         # 5000.25 and 5000.250 are the same price: compare numbers, not spellings.
-        normalized = value.normalize()
+        # (in a context wide enough that no admitted number is rounded: the default
+        # 28 digits would make two different 30-digit prices the same content)
+        normalized = value.normalize(_EXACT)
         return format(normalized, "f") if normalized != 0 else "0"
     if kind is dict:
         return {
@@ -457,12 +461,42 @@ def canonical_value(value: Any) -> Any:
     return value
 
 
-def canonical_json(event: _EventBase) -> bytes:
-    """Return the canonical bytes of an event's content (sorted keys, normalized numbers)."""
-    content = canonical_value(event.model_dump(mode="python"))
-    return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+def encode_content(event: _EventBase) -> tuple[str, bytes]:
+    """Return an event's payload JSON and its canonical JSON, in one pass over its fields.
+
+    The payload keeps every number as it was written (``4.50`` stays ``4.50``); the
+    canonical form, with sorted keys, normalized numbers and UTC timestamps, is what the
+    content digest covers, so ``5000.25`` and ``5000.250`` are the same content. Events of
+    flat fields (every input event) skip pydantic's serializer; the rest go through it.
+    """
+    payload: dict[str, Any] = {}
+    canonical: dict[str, Any] = {}
+    for key, value in event.__dict__.items():  # the fields, in declaration order
+        kind = type(value)
+        if kind is Decimal:
+            text = payload[key] = str(value)
+            # already canonical unless it has an exponent, a trailing zero after the
+            # point, or is minus zero (most prices are written canonically)
+            if "E" in text or (text[-1] == "0" and "." in text) or text == "-0":
+                text = canonical_value(value)
+            canonical[key] = text
+        elif kind is str or value is None or kind is Side or kind is int or kind is bool:
+            payload[key] = canonical[key] = value  # (orjson writes a Side as its value)
+        elif kind is datetime and value.tzinfo is UTC:  # orjson writes it as isoformat()
+            payload[key] = canonical[key] = value
+        else:  # nested records, other zones: let pydantic and canonical_value lay them out
+            data = event.model_dump(mode="python")
+            return (
+                orjson.dumps(data, default=_json_default).decode(),
+                orjson.dumps(canonical_value(data), option=orjson.OPT_SORT_KEYS),
+            )
+    del payload["schema_version"], canonical["schema_version"]  # a column, not content
+    return orjson.dumps(payload).decode(), orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
 
 
-def content_digest(event: _EventBase) -> bytes:
-    """Return the SHA-256 of the event's stream and canonical content."""
-    return hashlib.sha256(event.stream.encode() + b"\n" + canonical_json(event)).digest()
+def _json_default(value: object) -> object:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, Side):
+        return value.value
+    raise TypeError(f"cannot encode {type(value).__name__} in an event payload")

@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -36,9 +35,8 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.errors import ConcurrencyError, IdempotencyConflict
-from ledger.events import Event, canonical_value
+from ledger.events import Event, encode_content
 from ledger.schema import NOTIFY_CHANNEL
-from ledger.values import Side
 
 __all__ = [
     "GENESIS_HASH",
@@ -105,21 +103,10 @@ class _Encoded:
     digest: bytes
 
 
-def _json_default(value: object) -> object:
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, Side):
-        return value.value
-    raise TypeError(f"cannot encode {type(value).__name__} in an event payload")
-
-
 def encode_event(event: Event) -> tuple[str, bytes]:
-    """Return an event's payload JSON (decimals as strings) and its content digest."""
-    data = event.model_dump(mode="python")
-    payload = orjson.dumps(data, default=_json_default).decode()
-    canonical = orjson.dumps(canonical_value(data), option=orjson.OPT_SORT_KEYS)
-    digest = hashlib.sha256(event.stream.encode() + b"\n" + canonical).digest()
-    return payload, digest
+    """Return an event's payload JSON (decimals as written) and its content digest."""
+    payload, canonical = encode_content(event)
+    return payload, hashlib.sha256(event.stream.encode() + b"\n" + canonical).digest()
 
 
 def chain_hash(previous: bytes, stream_version: int, event_id: str, digest: bytes) -> bytes:
@@ -167,6 +154,32 @@ WITH inserted AS (
 )
 SELECT event_id, global_position FROM inserted
 """
+# Below this many new events a batch goes through _INSERT_AND_MOVE (one round trip);
+# from it on through COPY, which costs three round trips but a fraction per row.
+_COPY_AT_LEAST = 32
+_COPY_COLUMNS = (
+    "stream",
+    "stream_version",
+    "event_id",
+    "type",
+    "schema_version",
+    "payload",
+    "occurred_at",
+    "causation_id",
+    "correlation_id",
+    "content_digest",
+    "hash",
+)
+_MOVE_HEADS_AND_READ_BACK = """
+WITH moved AS (
+    UPDATE streams SET version = x.v, last_hash = x.h
+    FROM unnest($1::text[], $2::int[], $3::bytea[]) AS x(s, v, h)
+    WHERE streams.stream = x.s
+)
+SELECT global_position FROM events WHERE tx_id = pg_current_xact_id()
+ORDER BY tx_id DESC, global_position DESC LIMIT $4
+"""
+_HEADS_SEEN_MAX = 1_000_000
 _COLUMNS = """global_position, stream, stream_version, event_id::text, type, schema_version,
 payload::text, occurred_at, recorded_at, tx_id::text::bigint, causation_id::text,
 correlation_id::text, content_digest, hash"""
@@ -235,6 +248,8 @@ class EventStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # streams whose head row existed at some point (a hint: _append checks it)
+        self._heads_seen: set[str] = set()
 
     @asynccontextmanager
     async def _driver(self) -> AsyncIterator[asyncpg.Connection]:
@@ -268,54 +283,46 @@ class EventStore:
         """
         if not events:
             return AppendResult((), 0, 0, ())
-        encoded = [_encode(e) for e in events]
         async with self._driver() as conn, conn.transaction():
-            return await self._append(
-                conn, encoded, expected_versions, causation_id, correlation_id
-            )
+            return await self._append(conn, events, expected_versions, causation_id, correlation_id)
 
     async def append_on(self, conn: asyncpg.Connection, events: Sequence[Event]) -> AppendResult:
         """Append inside a transaction the caller already holds on ``conn``."""
         if not events:
             return AppendResult((), 0, 0, ())
-        return await self._append(conn, [_encode(e) for e in events], None, None, None)
+        return await self._append(conn, events, None, None, None)
 
     async def _append(
         self,
         conn: asyncpg.Connection,
-        encoded: list[_Encoded],
+        events: Sequence[Event],
         expected_versions: Mapping[str, int] | None,
         causation_id: str | None,
         correlation_id: str | None,
     ) -> AppendResult:
+        ids_of = [e.event_id for e in events]
+        names = sorted({e.stream for e in events})
+        ids = list(dict.fromkeys(ids_of))
+        # The heads are locked and the ids looked up while this task encodes the
+        # payloads: PostgreSQL's work and ours overlap (the lock task owns ``conn``
+        # until it is awaited; nothing else here touches it).
+        locking = asyncio.ensure_future(self._lock_heads(conn, names, ids, expected_versions))
+        try:
+            await asyncio.sleep(0)  # let the lock query go out
+            encoded = [_encode(e, i) for e, i in zip(events, ids_of, strict=True)]
+        finally:
+            rows = await locking
         # One id, one outcome: within a batch the second copy is a duplicate of the first.
         first: dict[str, int] = {}
         for i, e in enumerate(encoded):
             j = first.setdefault(e.event_id, i)
             if j != i and encoded[j].digest != e.digest:
                 raise IdempotencyConflict(e.event_id, e.stream, "twice in one batch")
-        names = sorted({e.stream for e in encoded})
-        nowait = bool(expected_versions)
-        ids = list(first)
-        try:
-            if nowait:
-                # fail fast on a busy stream, never wait: first the heads that exist ...
-                await conn.execute(_LOCK_TIMEOUT)
-                rows = await conn.fetch(_LOCK_AND_FIND_NOWAIT, names, ids)
-                missing = sorted(set(names) - {r[1] for r in rows if r[0]})
-                if missing:  # ... then new streams
-                    await conn.execute(_CREATE_HEADS, missing, GENESIS_HASH)
-                    rows += await conn.fetch(_LOCK_AND_FIND_NOWAIT, missing, [])
-            else:
-                # Create every missing head, then lock all, each in stream order: a
-                # writer holds no head while it creates, so two writers cannot deadlock.
-                await conn.execute(_CREATE_HEADS, names, GENESIS_HASH)
-                rows = await conn.fetch(_LOCK_AND_FIND_WAIT, names, ids)
-        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
-            busy = min(expected_versions or {"?": 0})
-            raise ConcurrencyError(busy, (expected_versions or {}).get(busy, 0), None) from None
         version = {r[1]: r[2] for r in rows if r[0]}
         last_hash = {r[1]: bytes(r[3]) for r in rows if r[0]}
+        if len(self._heads_seen) > _HEADS_SEEN_MAX:
+            self._heads_seen.clear()
+        self._heads_seen.update(version)
         for stream, expected in (expected_versions or {}).items():
             actual = version.get(stream, 0)
             if actual != expected:
@@ -341,31 +348,52 @@ class EventStore:
                 new.append((i, e, v, h))
         if new:
             touched = sorted({e.stream for _, e, _, _ in new})
-            inserted = await conn.fetch(
-                _INSERT_AND_MOVE,
-                [e.stream for _, e, _, _ in new],
-                [v for _, _, v, _ in new],
-                [e.event_id for _, e, _, _ in new],
-                [e.type for _, e, _, _ in new],
-                [e.schema_version for _, e, _, _ in new],
-                [e.payload_json for _, e, _, _ in new],
-                [e.occurred_at for _, e, _, _ in new],
-                causation_id,
-                correlation_id,
-                [e.digest for _, e, _, _ in new],
-                [h for _, _, _, h in new],
-                touched,
-                [version[s] for s in touched],
-                [last_hash[s] for s in touched],
-            )
-            by_id = {r[0]: r[1] for r in inserted}
-            for i, e, _, _ in new:
-                positions[i] = by_id[e.event_id]
+            heads = (touched, [version[s] for s in touched], [last_hash[s] for s in touched])
+            if len(new) >= _COPY_AT_LEAST and all(e.occurred_at is not None for _, e, _, _ in new):
+                written = await _copy_rows(conn, new, heads, causation_id, correlation_id)
+            else:
+                written = await _insert_rows(conn, new, heads, causation_id, correlation_id)
+            for (i, _, _, _), position in zip(new, written, strict=True):
+                positions[i] = position
         for i, e in enumerate(encoded):
             if positions[i] is None:  # an in-batch duplicate of a new event
                 positions[i] = positions[first[e.event_id]]
         resolved = tuple(p for p in positions if p is not None)
         return AppendResult(resolved, len(new), len(encoded) - len(new), tuple(flags))
+
+    async def _lock_heads(
+        self,
+        conn: asyncpg.Connection,
+        names: list[str],
+        ids: list[str],
+        expected_versions: Mapping[str, int] | None,
+    ) -> list[asyncpg.Record]:
+        """Lock the heads of ``names`` (in order) and look ``ids`` up: see _LOCK_AND_FIND."""
+        try:
+            if expected_versions:
+                # fail fast on a busy stream, never wait: first the heads that exist ...
+                await conn.execute(_LOCK_TIMEOUT)
+                rows: list[asyncpg.Record] = await conn.fetch(_LOCK_AND_FIND_NOWAIT, names, ids)
+                missing = sorted(set(names) - {r[1] for r in rows if r[0]})
+                if missing:  # ... then new streams
+                    await conn.execute(_CREATE_HEADS, missing, GENESIS_HASH)
+                    rows += await conn.fetch(_LOCK_AND_FIND_NOWAIT, missing, [])
+                return rows
+            # Create every missing head, then lock all, each in stream order: a writer
+            # holds no head while it creates, so two writers cannot deadlock. Heads are
+            # never removed, so a stream seen before needs no create ...
+            unknown = [s for s in names if s not in self._heads_seen]
+            if unknown:
+                await conn.execute(_CREATE_HEADS, unknown, GENESIS_HASH)
+            rows = await conn.fetch(_LOCK_AND_FIND_WAIT, names, ids)
+            missing = sorted(set(names) - {r[1] for r in rows if r[0]})
+            if missing:  # ... unless its creator rolled back: create it now
+                await conn.execute(_CREATE_HEADS, missing, GENESIS_HASH)
+                rows += await conn.fetch(_LOCK_AND_FIND_WAIT, missing, [])
+            return rows
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
+            busy = min(expected_versions or {"?": 0})
+            raise ConcurrencyError(busy, (expected_versions or {}).get(busy, 0), None) from None
 
     async def read_stream(
         self, stream: str, *, after_version: int = 0, limit: int = 1_000_000
@@ -415,10 +443,77 @@ class EventStore:
                     await driver.remove_listener(NOTIFY_CHANNEL, _on_notify)
 
 
-def _encode(event: Event) -> _Encoded:
+_NewRow = tuple[int, _Encoded, int, bytes]  # input index, event, stream version, hash
+_Heads = tuple[list[str], list[int], list[bytes]]  # streams, new versions, new last hashes
+
+
+async def _insert_rows(
+    conn: asyncpg.Connection,
+    new: list[_NewRow],
+    heads: _Heads,
+    causation_id: str | None,
+    correlation_id: str | None,
+) -> list[int]:
+    """Insert ``new`` and move the heads in one statement; return their positions."""
+    inserted = await conn.fetch(
+        _INSERT_AND_MOVE,
+        [e.stream for _, e, _, _ in new],
+        [v for _, _, v, _ in new],
+        [e.event_id for _, e, _, _ in new],
+        [e.type for _, e, _, _ in new],
+        [e.schema_version for _, e, _, _ in new],
+        [e.payload_json for _, e, _, _ in new],
+        [e.occurred_at for _, e, _, _ in new],
+        causation_id,
+        correlation_id,
+        [e.digest for _, e, _, _ in new],
+        [h for _, _, _, h in new],
+        *heads,
+    )
+    by_id: dict[str, int] = {r[0]: r[1] for r in inserted}
+    return [by_id[e.event_id] for _, e, _, _ in new]
+
+
+async def _copy_rows(
+    conn: asyncpg.Connection,
+    new: list[_NewRow],
+    heads: _Heads,
+    causation_id: str | None,
+    correlation_id: str | None,
+) -> list[int]:
+    """COPY ``new`` in (binary, no per-row SQL) and move the heads; return their positions.
+
+    COPY returns nothing, so the positions are read back: they are this transaction's
+    newest ``len(new)`` rows, numbered in the order they were copied.
+    """
+    await conn.copy_records_to_table(
+        "events",
+        columns=_COPY_COLUMNS,
+        records=[
+            (
+                e.stream,
+                v,
+                e.event_id,
+                e.type,
+                e.schema_version,
+                e.payload_json,
+                e.occurred_at,
+                causation_id,
+                correlation_id,
+                e.digest,
+                h,
+            )
+            for _, e, v, h in new
+        ],
+    )
+    rows = await conn.fetch(_MOVE_HEADS_AND_READ_BACK, *heads, len(new))
+    return [r[0] for r in reversed(rows)]
+
+
+def _encode(event: Event, event_id: str) -> _Encoded:
     payload, digest = encode_event(event)
     return _Encoded(
-        event_id=event.event_id,
+        event_id=event_id,
         stream=event.stream,
         type=event.type,
         schema_version=event.schema_version,

@@ -13,7 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger.db import plain_url
 from ledger.errors import ConcurrencyError, IdempotencyConflict
 from ledger.events import Event, parse_event
-from ledger.store import Checkpoint, EventStore, driver_connection
+from ledger.store import (
+    GENESIS_HASH,
+    Checkpoint,
+    EventStore,
+    StoredEvent,
+    chain_hash,
+    driver_connection,
+)
 
 
 def fill(exec_id: str, price: str = "5000.25", account: str = "ACC-1", **extra: object) -> Event:
@@ -216,16 +223,18 @@ async def test_late_commit_is_read_not_skipped(
 async def test_concurrent_writers_and_a_tailing_reader(
     store: EventStore, engine: AsyncEngine, run: int
 ) -> None:
-    """8 writers, 3,200 events, commit order shuffled against insert order; a reader
-    tailing with checkpoints sees every committed event exactly once."""
-    writers, batches, per_batch = 8, 20, 20
+    """8 writers, thousands of events, commit order shuffled against insert order; a
+    reader tailing with checkpoints sees every committed event exactly once. Batch sizes
+    straddle the store's switch from INSERT to COPY, so both write paths interleave."""
+    writers, batches = 8, 20
     rng = random.Random(run)
+    sizes = [[rng.choice([5, 20, 40, 120]) for _ in range(batches)] for _ in range(writers)]
     appended: list[int] = []
     done = asyncio.Event()
 
     async def writer(w: int) -> None:
         for b in range(batches):
-            events = [fill(f"W{w}-B{b}-{i}", account=f"ACC-{w % 3}") for i in range(per_batch)]
+            events = [fill(f"W{w}-B{b}-{i}", account=f"ACC-{w % 3}") for i in range(sizes[w][b])]
             async with engine.connect() as sa_conn:
                 conn = await driver_connection(sa_conn)
                 async with conn.transaction():
@@ -252,7 +261,7 @@ async def test_concurrent_writers_and_a_tailing_reader(
     await asyncio.gather(*(writer(w) for w in range(writers)))
     done.set()
     await reading
-    assert len(appended) == writers * batches * per_batch
+    assert len(appended) == sum(map(sum, sizes))
     assert len(seen) == len(set(seen)), "an event was read twice"
     assert sorted(seen) == sorted(appended), "an event was skipped"
 
@@ -286,9 +295,45 @@ async def test_nine_decimal_prices_and_sub_cent_tick_values_stay_exact(
     assert Decimal(rows[1].payload["price"]) == Decimal("6065.25")
 
 
-async def test_hash_chain_links_each_event_to_the_previous(store: EventStore) -> None:
-    from ledger.store import GENESIS_HASH, chain_hash
+async def test_large_batch_reports_the_stored_positions(store: EventStore, db_url: str) -> None:
+    """A batch big enough to be COPYed: the positions it reports are those in the log,
+    duplicates (earlier and in-batch) report their originals, and heads and chains hold."""
+    earlier = await store.append([fill("T-0"), fill("T-1", account="ACC-2")])
+    batch = [fill(f"T-{i}", account=f"ACC-{i % 3}") for i in range(2, 120)]
+    batch[10:10] = [fill("T-0"), fill("T-1", account="ACC-2"), batch[0]]  # duplicates
+    result = await store.append(batch)
+    assert (result.appended, result.duplicates) == (118, 3)
+    assert result.positions[10:12] == earlier.positions
+    assert result.positions[12] == result.positions[0]
+    stored = {
+        e.event_id: e
+        for account in ("ACC-0", "ACC-1", "ACC-2")
+        for e in await store.read_stream(f"{account}/CON.F.US.EP.Z26")
+    }
+    assert [stored[e.event_id].global_position for e in batch] == list(result.positions)
+    conn = await asyncpg.connect(plain_url(db_url))
+    try:
+        heads = dict(await conn.fetch("SELECT stream, version FROM streams"))
+    finally:
+        await conn.close()
+    for account in ("ACC-0", "ACC-1", "ACC-2"):
+        stream = await store.read_stream(f"{account}/CON.F.US.EP.Z26")
+        assert [e.stream_version for e in stream] == list(range(1, len(stream) + 1))
+        assert heads[f"{account}/CON.F.US.EP.Z26"] == len(stream)
+        assert_chain(stream)
+    # the next append, small again, continues the chains the COPY left
+    await store.append([fill("T-999")])
+    assert_chain(await store.read_stream("ACC-1/CON.F.US.EP.Z26"))
 
+
+def assert_chain(events: list[StoredEvent]) -> None:
+    previous = GENESIS_HASH
+    for e in events:
+        assert e.hash == chain_hash(previous, e.stream_version, e.event_id, e.content_digest)
+        previous = e.hash
+
+
+async def test_hash_chain_links_each_event_to_the_previous(store: EventStore) -> None:
     await store.append([fill("T-1"), fill("T-2")])
     await store.append([fill("T-3")])
     events = await store.read_stream("ACC-1/CON.F.US.EP.Z26")
