@@ -45,6 +45,7 @@ __all__ = [
     "Checkpoint",
     "EventStore",
     "StoredEvent",
+    "analyze_if_never_analyzed",
     "chain_hash",
     "encode_event",
 ]
@@ -243,6 +244,32 @@ async def driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
     return raw.driver_connection
 
 
+# A log never analyzed yet (reltuples < 0) and past a megabyte: without statistics the
+# planner guesses a third of the table beyond any checkpoint and answers every page of
+# the gap-free read by sorting the whole rest of the log (measured: 326 ms a page of
+# 5,000 at 40,000 events, against 26 ms by the index once analyzed). Autovacuum fixes
+# that within a minute or so; a reader starting right after a bulk ingest cannot wait.
+_NEVER_ANALYZED = """
+SELECT reltuples < 0 AND pg_relation_size(oid) > 1048576 FROM pg_class
+WHERE oid = 'events'::regclass
+"""
+
+
+async def analyze_if_never_analyzed(conn: asyncpg.Connection) -> bool:
+    """Give the log its first statistics if it has none and is big enough to need them.
+
+    Returns whether it ran ANALYZE (a role that does not own the table cannot; then
+    the reader goes on and autovacuum analyzes the table later).
+    """
+    if not await conn.fetchval(_NEVER_ANALYZED):
+        return False
+    try:
+        await conn.execute("ANALYZE events")
+    except asyncpg.InsufficientPrivilegeError:
+        return False
+    return True
+
+
 class EventStore:
     """Append to and read from the PostgreSQL event log."""
 
@@ -413,6 +440,8 @@ class EventStore:
         resumes from the checkpoint sees every event exactly once.
         """
         async with self._driver() as conn:
+            if after == _START:
+                await analyze_if_never_analyzed(conn)
             rows = await conn.fetch(_READ_ALL, str(after.tx_id), after.position, limit)
         batch = [_row_to_event(r) for r in rows]
         if batch:
