@@ -34,14 +34,13 @@ from ledger.events import (
     fill_event_id,
 )
 from ledger.sources import Parsed, Rejected, SourceRef, parse_message
-from ledger.store import EventStore, driver_connection
+from ledger.store import INSTRUMENTS_SQL, EventStore, driver_connection
 from ledger.values import is_on_tick
 
 __all__ = ["IngestCounts", "Ingester", "RetryOutcome"]
 
 Item = Parsed | Rejected
 
-_INSTRUMENTS = "SELECT payload::text FROM events WHERE type = 'instrument'"
 _KNOWN_IDS = "SELECT event_id::text FROM events WHERE event_id = ANY($1::uuid[])"
 _DEAD_LETTER = """
 INSERT INTO rejected (source, line, idx, raw, reason, message)
@@ -118,7 +117,7 @@ class Ingester:
         self._loaded = False
 
     async def _refresh_instruments(self, conn: asyncpg.Connection) -> None:
-        for (payload,) in await conn.fetch(_INSTRUMENTS):
+        for (payload,) in await conn.fetch(INSTRUMENTS_SQL):
             inst = InstrumentDefined.model_validate(orjson.loads(payload))
             self._instruments[inst.contract] = inst
         self._loaded = True

@@ -40,6 +40,7 @@ from ledger.schema import NOTIFY_CHANNEL
 
 __all__ = [
     "GENESIS_HASH",
+    "INSTRUMENTS_SQL",
     "READ_LIGHT_SQL",
     "AppendResult",
     "Checkpoint",
@@ -198,6 +199,19 @@ SELECT {_COLUMNS} FROM events
 WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY events.tx_id, events.global_position LIMIT $3
+"""
+# Every instrument definition, found through the heads table (a few thousand rows) and
+# the (stream, stream_version) index: filtering the log by type would scan all of it
+# (4.9 s at 2.3M events, on every consumer start). A contract's stream also holds its
+# marks; its one definition (its id is the contract's) is usually its first event.
+INSTRUMENTS_SQL = """
+SELECT e.payload::text FROM streams AS s
+CROSS JOIN LATERAL (
+    SELECT payload FROM events
+    WHERE events.stream = s.stream AND events.type = 'instrument'
+    ORDER BY stream_version LIMIT 1
+) AS e
+WHERE s.stream LIKE 'instrument/%'
 """
 READ_LIGHT_SQL = """
 SELECT global_position, tx_id::text::bigint, stream, type, payload::text, recorded_at

@@ -41,7 +41,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.schema import NOTIFY_CHANNEL
 from ledger.settings import Settings
-from ledger.store import Checkpoint, EventStore, LightRow, driver_connection
+from ledger.store import (
+    INSTRUMENTS_SQL,
+    Checkpoint,
+    EventStore,
+    LightRow,
+    analyze_if_never_analyzed,
+    driver_connection,
+)
 from ledger.values import Side, point_value
 from projections import store as sql
 from projections.history import HistoryRow, compact
@@ -66,6 +73,7 @@ _ONE = Decimal(1)
 _DEFAULT_BATCH = 5000
 _REBUILD_FLUSH_EVENTS = 200_000
 _JOURNAL_ROWS = 250_000
+_HAS_STATISTICS = "SELECT reltuples >= 0 FROM pg_class WHERE oid = 'events'::regclass"
 _YIELD_MASK = 511  # fold this many rows + 1 between chances for other tasks to run
 
 # What one fill did, as the runner keeps it: (exec_id, position, occurred_at, side text, fee,
@@ -279,6 +287,7 @@ class ProjectionRunner:
         self.journal_rows = _JOURNAL_ROWS
         self._journal: dict[str, list[LightRow]] | None = None
         self._journal_lost: set[str] = set()
+        self._log_has_statistics = False  # see ledger.store.analyze_if_never_analyzed
         self._journal_size = 0
 
     # ------------------------------------------------------------------ public
@@ -542,6 +551,9 @@ class ProjectionRunner:
     ) -> int:
         """Project everything committed into ``generation``; return how many events."""
         total = 0
+        if not self._log_has_statistics:
+            await analyze_if_never_analyzed(conns.aux)
+            self._log_has_statistics = await conns.aux.fetchval(_HAS_STATISTICS)
         while True:
             row = await conns.aux.fetchrow(sql.CHECKPOINT, generation)
             if row is None or row["status"] == "retired":
@@ -751,7 +763,7 @@ class ProjectionRunner:
         return flush.events
 
     async def _load_instruments(self, conn: asyncpg.Connection) -> None:
-        for (payload,) in await conn.fetch(sql.INSTRUMENTS):
+        for (payload,) in await conn.fetch(INSTRUMENTS_SQL):
             self._add_instrument(orjson.loads(payload))
 
     def _add_instrument(self, payload: dict[str, Any]) -> None:

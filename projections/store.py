@@ -84,7 +84,6 @@ DROP_GENERATION_TABLES = (
     "DELETE FROM proj_snapshots WHERE generation = $1",
 )
 FORGET_GENERATION = "DELETE FROM projection_checkpoint WHERE generation = $1"
-INSTRUMENTS = "SELECT payload::text FROM events WHERE type = 'instrument'"
 # The gap-free read (see ledger.store): only transactions older than the oldest one
 # still running, in (transaction id, position) order. The ORDER BY names the table's
 # columns: an unqualified ``tx_id`` would mean the *output* column ``tx_id::text::bigint``,
