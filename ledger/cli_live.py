@@ -6,10 +6,13 @@ Registered on the main Typer app by importing this module (``ledger.cli`` does s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import multiprocessing
 import signal
 import sys
 from enum import StrEnum
+from multiprocessing.connection import Connection
 from typing import Annotated, Any
 
 import typer
@@ -25,6 +28,7 @@ from ledger.consume import (
     Consumer,
     ConsumeTotals,
 )
+from ledger.db import make_engine
 from ledger.settings import Settings
 from ledger.store import driver_connection
 from projections.runner import ProjectionRunner
@@ -50,17 +54,127 @@ def _configure_logging() -> None:
     )
 
 
-def _start_projections(runner: ProjectionRunner, stop: asyncio.Event) -> asyncio.Task[None]:
-    """Run the projections live next to the feed; a failure stops them, not the feed."""
+class _ProjectionProcess:
+    """The projections, followed live in a child process of their own.
 
-    async def _follow() -> None:
-        try:
-            await runner.follow(stop)
-        except Exception as exc:
-            # The feed keeps running: projections catch up from their checkpoint later.
-            log.error("projection runner stopped: %s: %s", type(exc).__name__, exc)
+    Why a process: folding is CPU-bound Python, and a page can take a while (a late
+    fill restates its whole stream; a stream with many open lots serializes them all
+    at each commit). In the feed's event loop such a page held the loop for hundreds
+    of milliseconds, and every fetch, write and ack of the feed waited behind it
+    (``scripts/bench_consume`` on such data: appended lag p99 1.75 s in one loop, 90
+    ms with a child process). A thread would still share the GIL. A child process
+    has its own interpreter and core and wakes on NOTIFY like ``ledger project
+    --follow``; the feed's latency no longer depends on what the projections do.
 
-    return asyncio.create_task(_follow(), name="projections")
+    The parent governs its lifetime through a pipe: a message, or the pipe's end
+    when the parent dies (even by SIGKILL), stops it. It ignores SIGINT, which a
+    terminal sends to the whole process group, so a Ctrl-C drains the feed first;
+    SIGTERM sent to it alone stops it early (the parent then catches up itself).
+    """
+
+    def __init__(self, url: str) -> None:
+        ctx = multiprocessing.get_context("spawn")  # never fork a running event loop
+        reader, self._stop_writer = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(
+            target=_follow_in_child, args=(url, reader), name="ledger-projections", daemon=False
+        )
+        self._process.start()
+        reader.close()  # the child holds its own copy: the parent's end alone can stop it
+        self._stopping = False
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._process.sentinel, self._on_exit)
+        self._loop = loop
+
+    def _on_exit(self) -> None:
+        self._loop.remove_reader(self._process.sentinel)
+        if self._stopping:
+            return
+        self._process.join()  # it has exited: this only reaps it and reads its code
+        code = self._process.exitcode
+        log.log(
+            logging.WARNING if code == 0 else logging.ERROR,
+            "projection process exited with code %s; the feed goes on (the projections "
+            "are caught up when it stops, or by `ledger project`)",
+            code,
+        )
+
+    async def stop(self) -> int | None:
+        """Ask the child to stop (it catches up first); wait; return its exit code."""
+        timeout = _PROJECTION_STOP_WAIT
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._stop_writer.send_bytes(b"stop")
+        self._stop_writer.close()
+        await asyncio.to_thread(self._process.join, timeout)
+        if self._process.is_alive():
+            log.warning("projection process did not stop within %.0f s: killing it", timeout)
+            self.abandon()
+        return self._process.exitcode
+
+    def abandon(self) -> None:
+        """Stop the child now, without its final catch-up (a second signal, a crash)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._stop_writer.close()
+        if self._process.is_alive():
+            self._process.kill()  # an open projection transaction just rolls back
+        self._process.join(5)
+
+
+def _follow_in_child(url: str, stop_reader: Connection) -> None:
+    """Run in the child process: follow the log until told to stop, then catch up.
+
+    Raises:
+        SystemExit: with status 1 when the runner failed (the parent logs it).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    _configure_logging()
+    if not asyncio.run(_follow_until_told(url, stop_reader)):
+        raise SystemExit(1)
+
+
+async def _follow_until_told(url: str, stop_reader: Connection) -> bool:
+    """Follow the log until the parent says stop (or is gone); return whether all went well."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    fd = stop_reader.fileno()
+
+    def _told() -> None:
+        loop.remove_reader(fd)  # it stays readable: a level-triggered callback would spin
+        stop.set()
+
+    # readable on the parent's message and on end-of-file when the parent is gone
+    loop.add_reader(fd, _told)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    engine = make_engine(url)
+    try:
+        runner = ProjectionRunner(engine, Settings())
+        await runner.follow(stop)
+        # the feed has drained by now: leave the projections caught up with it
+        await runner.catch_up()
+        return True
+    except Exception as exc:
+        log.error("projection runner stopped: %s: %s", type(exc).__name__, exc)
+        return False
+    finally:
+        loop.remove_reader(fd)
+        await engine.dispose()
+
+
+async def _final_catch_up(engine: AsyncEngine) -> None:
+    """Make sure a graceful stop leaves the projections caught up with what was appended.
+
+    Normally the child has done it and this finds nothing to do (a few milliseconds);
+    if the child failed or was stopped early, this does the work.
+    """
+    try:
+        await asyncio.wait_for(
+            ProjectionRunner(engine, Settings()).catch_up(), _PROJECTION_STOP_WAIT
+        )
+    except TimeoutError:
+        log.warning("projections not caught up at exit; `ledger project` will")
+    except Exception as exc:
+        log.error("projections not caught up at exit: %s: %s", type(exc).__name__, exc)
 
 
 @app.command()
@@ -83,7 +197,10 @@ def consume(
         int, typer.Option(min=1, help="Messages held in memory between fetch and write.")
     ] = 10_000,
     no_project: Annotated[
-        bool, typer.Option("--no-project", help="Do not run the projections in this process.")
+        bool,
+        typer.Option(
+            "--no-project", help="Do not follow the log with the projections (a child process)."
+        ),
     ] = False,
     idle_exit: Annotated[
         float | None,
@@ -113,7 +230,6 @@ def consume(
     async def _consume() -> ConsumeTotals:
         async with open_engine() as engine:
             stop = asyncio.Event()
-            projections_stop = asyncio.Event()
             main = asyncio.current_task()
             loop = asyncio.get_running_loop()
             signals: list[str] = []
@@ -129,25 +245,20 @@ def consume(
 
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, _on_signal, sig.name)
-            runner = ProjectionRunner(engine, Settings())
-            projector = None if no_project else _start_projections(runner, projections_stop)
+            url = engine.url.render_as_string(hide_password=False)
+            projector = None if no_project else _ProjectionProcess(url)
             try:
                 totals = await Consumer(engine, options).run(stop)
-            finally:
-                projections_stop.set()
                 if projector is not None:
-                    try:
-                        await asyncio.wait_for(projector, _PROJECTION_STOP_WAIT)
-                    except TimeoutError:
-                        log.warning("projection runner did not stop in time")
+                    await projector.stop()
+                    await _final_catch_up(engine)
+            except BaseException:
+                if projector is not None:
+                    projector.abandon()  # a second signal or a failure: do not wait for it
+                raise
+            finally:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
-            if projector is not None:
-                # a graceful stop leaves the projections caught up with what was appended
-                try:
-                    await asyncio.wait_for(runner.catch_up(), _PROJECTION_STOP_WAIT)
-                except TimeoutError:
-                    log.warning("projections not caught up at exit; `ledger project` will")
             return totals
 
     try:

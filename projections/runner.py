@@ -311,39 +311,41 @@ class ProjectionRunner:
         *,
         poll_interval: float = 1.0,
         on_batch: Callable[[int], None] | None = None,
+        compact_interval: float = 60.0,
+        recheck: float = 0.002,
     ) -> None:
         """Project continuously until ``stop`` is set.
 
         Woken by NOTIFY on every append, polling every ``poll_interval`` seconds as a
         fallback; after a lost connection it reconnects with backoff, LISTENs again and
         re-reads from its checkpoint, so nothing is skipped or applied twice.
+
+        At the head of the log each wake-up commits what it read at once, so the fixed
+        cost of a wake-up bounds the lag: the connections are kept from one wake-up to
+        the next (not three pool checkouts and check-ins each time), and history is
+        compacted every ``compact_interval`` seconds (its window is days long), not
+        after every page. A NOTIFY whose events the gap-free read cannot see yet (a
+        transaction older than theirs is still open, anywhere on the server) is looked
+        at again after ``recheck`` seconds, doubling up to ``poll_interval``, rather
+        than at the next NOTIFY or poll.
         """
         backoff = 0.2
         while not stop.is_set():
             try:
-                async with self._listen() as (woken, listener):
+                async with self._listen() as (woken, listener), self._connections() as conns:
                     backoff = 0.2
-                    while not stop.is_set():
-                        woken.clear()
-                        applied = await self.catch_up()  # re-polls after every reconnect
-                        if on_batch and applied:
-                            on_batch(applied)
-                        if applied:
-                            continue
-                        if listener.is_closed():
-                            # the server went away while we slept: LISTEN again
-                            raise ConnectionError("the LISTEN connection was closed")
-                        waiters = [
-                            asyncio.ensure_future(woken.wait()),
-                            asyncio.ensure_future(stop.wait()),
-                        ]
-                        _, pending = await asyncio.wait(
-                            waiters, timeout=poll_interval, return_when=asyncio.FIRST_COMPLETED
-                        )
-                        for task in pending:
-                            task.cancel()
+                    await self._follow_connected(
+                        conns,
+                        woken,
+                        listener,
+                        stop,
+                        on_batch,
+                        (poll_interval, compact_interval, recheck),
+                    )
             except Exception as exc:
-                if not _connection_lost(exc):
+                # A held connection that read the server's FATAL (a shutdown) before its
+                # socket closed fails with a protocol error instead: it is as lost.
+                if not (_connection_lost(exc) or isinstance(exc, asyncpg.InternalClientError)):
                     raise
                 log.warning(
                     "projection runner lost the database (%s); retrying in %.1fs", exc, backoff
@@ -355,6 +357,60 @@ class ProjectionRunner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _follow_connected(
+        self,
+        conns: _Connections,
+        woken: asyncio.Event,
+        listener: asyncpg.Connection,
+        stop: asyncio.Event,
+        on_batch: Callable[[int], None] | None,
+        timing: tuple[float, float, float],
+    ) -> None:
+        """Follow on one set of connections until ``stop``; a lost connection raises.
+
+        ``timing`` is ``(poll_interval, compact_interval, recheck)`` of :meth:`follow`.
+        """
+        poll_interval, compact_interval, recheck = timing
+        clock = asyncio.get_running_loop().time
+        generation = await sql.ensure_serving(conns.writer)
+        compacted_at: float | None = None
+        hidden_wait: float | None = None  # set while announced events may be hidden
+        while not stop.is_set():
+            if woken.is_set():
+                woken.clear()
+                hidden_wait = recheck
+            # the first pass of a session re-reads from the checkpoint: after a reconnect
+            applied = await self._drain(conns, generation, None, self.batch_size)
+            if on_batch and applied:
+                on_batch(applied)
+            if compacted_at is None or clock() - compacted_at >= compact_interval:
+                row = await conns.aux.fetchrow(sql.CHECKPOINT, generation)
+                if row is not None and row["status"] == "serving":
+                    await self.compact_history(conns.writer, generation)
+                compacted_at = clock()
+            if applied or woken.is_set():
+                continue
+            serving = await sql.ensure_serving(conns.writer)
+            if serving != generation:
+                generation = serving  # a rebuild swapped its generation in
+                continue
+            if listener.is_closed():
+                # the server went away while we slept: LISTEN again
+                raise ConnectionError("the LISTEN connection was closed")
+            waiters = [
+                asyncio.ensure_future(woken.wait()),
+                asyncio.ensure_future(stop.wait()),
+            ]
+            _, pending = await asyncio.wait(
+                waiters,
+                timeout=poll_interval if hidden_wait is None else hidden_wait,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for task in pending:
+                task.cancel()
+            if hidden_wait is not None and not woken.is_set():
+                hidden_wait = hidden_wait * 2 if hidden_wait * 2 < poll_interval else None
 
     async def rebuild(self, progress: Callable[[int], None] | None = None) -> RebuildResult:
         """Fill a new generation from zero, then swap it in atomically.
