@@ -620,6 +620,21 @@ async def _wait_caught_up(engine: AsyncEngine, timeout: float = 60) -> None:
         await asyncio.sleep(0.1)
 
 
+async def _wait_accepting(engine: AsyncEngine, timeout: float = 30.0) -> None:
+    """Wait until the server takes connections: the executor's start() returns when the
+    port is open, while PostgreSQL may still refuse with "the database system is
+    starting up" (the follower copes with that; this test's own appends would not)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with engine.connect() as sa:
+                await (await driver_connection(sa)).fetchval("SELECT 1")
+            return
+        except Exception:  # refused, starting up: as the driver or SQLAlchemy words it
+            assert time.monotonic() < deadline, "the server did not come back"
+            await asyncio.sleep(0.1)
+
+
 async def test_follow_picks_up_appends_and_survives_a_server_restart(
     engine: AsyncEngine,
     store: EventStore,
@@ -651,6 +666,7 @@ async def test_follow_picks_up_appends_and_survives_a_server_restart(
         pg_server.stop()
         await asyncio.sleep(0.5)
         pg_server.start()
+        await _wait_accepting(engine)
         for chunk in range(150, len(events), 30):
             await store.append(events[chunk : chunk + 30])
             await asyncio.sleep(0.05)
