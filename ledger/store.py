@@ -46,9 +46,9 @@ __all__ = [
     "Checkpoint",
     "EventStore",
     "StoredEvent",
-    "analyze_if_never_analyzed",
     "chain_hash",
     "encode_event",
+    "ensure_log_statistics",
 ]
 
 GENESIS_HASH = b"\x00" * 32
@@ -258,25 +258,26 @@ async def driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
     return raw.driver_connection
 
 
-# A log never analyzed yet (reltuples < 0) and past a megabyte: without statistics the
+# A log never analyzed yet (reltuples < 0) past a megabyte: without statistics the
 # planner guesses a third of the table beyond any checkpoint and answers every page of
 # the gap-free read by sorting the whole rest of the log (measured: 326 ms a page of
 # 5,000 at 40,000 events, against 26 ms by the index once analyzed). Autovacuum fixes
 # that within a minute or so; a reader starting right after a bulk ingest cannot wait.
-_NEVER_ANALYZED = """
-SELECT reltuples < 0 AND pg_relation_size(oid) > 1048576 FROM pg_class
+_LOG_STATISTICS = """
+SELECT reltuples >= 0, pg_relation_size(oid) > 1048576 FROM pg_class
 WHERE oid = 'events'::regclass
 """
 
 
-async def analyze_if_never_analyzed(conn: asyncpg.Connection) -> bool:
+async def ensure_log_statistics(conn: asyncpg.Connection) -> bool:
     """Give the log its first statistics if it has none and is big enough to need them.
 
-    Returns whether it ran ANALYZE (a role that does not own the table cannot; then
-    the reader goes on and autovacuum analyzes the table later).
+    Returns whether the log has statistics now: not while it is too small to need
+    them, nor when this role does not own the table (autovacuum analyzes it later).
     """
-    if not await conn.fetchval(_NEVER_ANALYZED):
-        return False
+    analyzed, big = await conn.fetchrow(_LOG_STATISTICS)
+    if analyzed or not big:
+        return bool(analyzed)
     try:
         await conn.execute("ANALYZE events")
     except asyncpg.InsufficientPrivilegeError:
@@ -455,7 +456,7 @@ class EventStore:
         """
         async with self._driver() as conn:
             if after == _START:
-                await analyze_if_never_analyzed(conn)
+                await ensure_log_statistics(conn)
             rows = await conn.fetch(_READ_ALL, str(after.tx_id), after.position, limit)
         batch = [_row_to_event(r) for r in rows]
         if batch:

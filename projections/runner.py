@@ -46,8 +46,8 @@ from ledger.store import (
     Checkpoint,
     EventStore,
     LightRow,
-    analyze_if_never_analyzed,
     driver_connection,
+    ensure_log_statistics,
 )
 from ledger.values import Side, point_value
 from projections import store as sql
@@ -73,7 +73,6 @@ _ONE = Decimal(1)
 _DEFAULT_BATCH = 5000
 _REBUILD_FLUSH_EVENTS = 200_000
 _JOURNAL_ROWS = 250_000
-_HAS_STATISTICS = "SELECT reltuples >= 0 FROM pg_class WHERE oid = 'events'::regclass"
 _YIELD_MASK = 511  # fold this many rows + 1 between chances for other tasks to run
 
 # What one fill did, as the runner keeps it: (exec_id, position, occurred_at, side text, fee,
@@ -287,7 +286,7 @@ class ProjectionRunner:
         self.journal_rows = _JOURNAL_ROWS
         self._journal: dict[str, list[LightRow]] | None = None
         self._journal_lost: set[str] = set()
-        self._log_has_statistics = False  # see ledger.store.analyze_if_never_analyzed
+        self._log_has_statistics = False  # see ledger.store.ensure_log_statistics
         self._journal_size = 0
 
     # ------------------------------------------------------------------ public
@@ -608,8 +607,7 @@ class ProjectionRunner:
         """Project everything committed into ``generation``; return how many events."""
         total = 0
         if not self._log_has_statistics:
-            await analyze_if_never_analyzed(conns.aux)
-            self._log_has_statistics = await conns.aux.fetchval(_HAS_STATISTICS)
+            self._log_has_statistics = await ensure_log_statistics(conns.aux)
         while True:
             row = await conns.aux.fetchrow(sql.CHECKPOINT, generation)
             if row is None or row["status"] == "retired":
