@@ -48,7 +48,7 @@ from ledger.events import (
     FillCorrected,
     FillRecorded,
     LogSealed,
-    canonical_value,
+    decimal_text,
     event_from_stored,
 )
 from ledger.store import GENESIS_HASH, EventStore, chain_hash, driver_connection, encode_event
@@ -172,13 +172,6 @@ def _window(clock: Clock, at: datetime | None) -> tuple[datetime | None, datetim
     return (at, None) if clock == "as_of" else (None, at)
 
 
-def _text(value: Decimal | None) -> str | None:
-    if value is None:
-        return None
-    result: str = canonical_value(value)
-    return result
-
-
 def _fill_input(position: int, fill: FillRecorded) -> FillInput:
     return FillInput(
         exec_id=fill.exec_id,
@@ -238,7 +231,10 @@ def _walk(
 
 def _restatement(values: tuple[Decimal, Decimal, Decimal, Decimal]) -> str:
     qb, qa, rb, ra = values
-    return f"restated position {_text(qb)} → {_text(qa)}, realized P&L {_text(rb)} → {_text(ra)}"
+    return (
+        f"restated position {decimal_text(qb)} → {decimal_text(qa)}, "
+        f"realized P&L {decimal_text(rb)} → {decimal_text(ra)}"
+    )
 
 
 async def trail(
@@ -309,11 +305,14 @@ async def trail(
         first = walk.first_known.get(fill.exec_id)
         if first is not None and r.position not in walk.duplicate:
             if effect is None:
-                restated = f"was qty_after {_text(first[0])}, realized {_text(first[1])}; busted"
+                restated = (
+                    f"was qty_after {decimal_text(first[0])}, "
+                    f"realized {decimal_text(first[1])}; busted"
+                )
             elif (effect.qty_after, effect.realized_fifo) != first:
                 restated = (
-                    f"qty_after {_text(first[0])} → {_text(effect.qty_after)}, "
-                    f"realized {_text(first[1])} → {_text(effect.realized_fifo)}"
+                    f"qty_after {decimal_text(first[0])} → {decimal_text(effect.qty_after)}, "
+                    f"realized {decimal_text(first[1])} → {decimal_text(effect.realized_fifo)}"
                 )
         detail = ""
         if r.position in walk.late and r.position in walk.restated:
@@ -376,7 +375,7 @@ def _amendment_row(
                 strict=True,
             ):
                 if old != new:
-                    changes.append(f"{name} {_text(old)} → {_text(new)}")
+                    changes.append(f"{name} {decimal_text(old)} → {decimal_text(new)}")
         detail = f"corrects {event.exec_id}: " + (", ".join(changes) or "no change")
     else:
         kind = "bust"
@@ -785,7 +784,7 @@ async def _verify_seals(conn: asyncpg.Connection, report: VerifyReport) -> None:
 def _comparable(state: PositionState) -> dict[str, object]:
     data = state.to_json()
     for key in ("signed_qty", "realized_fifo", "realized_wac", "fees", "wac_basis"):
-        data[key] = _text(Decimal(str(data[key])))
+        data[key] = decimal_text(Decimal(str(data[key])))
     return data
 
 
@@ -822,9 +821,10 @@ async def _verify_projections(conn: asyncpg.Connection, report: VerifyReport) ->
                 Problem(
                     "PROJECTION_MISMATCH",
                     f"stream {stream!r}: projected position (signed_qty "
-                    f"{_text(state.signed_qty)}, realized {_text(state.realized_fifo)}) differs "
-                    f"from a fresh replay (signed_qty {_text(fresh.signed_qty)}, realized "
-                    f"{_text(fresh.realized_fifo)})",
+                    f"{decimal_text(state.signed_qty)}, "
+                    f"realized {decimal_text(state.realized_fifo)}) differs "
+                    f"from a fresh replay (signed_qty {decimal_text(fresh.signed_qty)}, realized "
+                    f"{decimal_text(fresh.realized_fifo)})",
                     stream,
                 )
             )

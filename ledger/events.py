@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias, overload
 
 import orjson
 from pydantic import (
@@ -60,6 +60,7 @@ __all__ = [
     "ReconciliationCompleted",
     "Timestamp",
     "canonical_value",
+    "decimal_text",
     "decode_json",
     "describe_validation_error",
     "encode_content",
@@ -459,6 +460,18 @@ def canonical_value(value: Any) -> Any:
     if isinstance(value, Side):
         return value.value
     return value
+
+
+@overload
+def decimal_text(value: Decimal) -> str: ...
+@overload
+def decimal_text(value: Decimal | None) -> str | None: ...
+def decimal_text(value: Decimal | None) -> str | None:
+    """Return a number as the ledger writes it in messages and files (canonical), or None."""
+    if value is None:
+        return None
+    text: str = canonical_value(value)
+    return text
 
 
 def encode_content(event: _EventBase) -> tuple[str, bytes]:

@@ -54,6 +54,7 @@ from ledger.events import (
     BreakRecord,
     ReconciliationCompleted,
     canonical_value,
+    decimal_text,
     decode_json,
     event_from_stored,
 )
@@ -325,13 +326,6 @@ class Comparison:
     broker_avg: Decimal | None
 
 
-def _text(value: Decimal | None) -> str | None:
-    if value is None:
-        return None
-    result: str = canonical_value(value)
-    return result
-
-
 def break_id(
     kind: str,
     account: str,
@@ -358,7 +352,7 @@ def _break(
     exec_ids: Sequence[str],
     detail: str,
 ) -> BreakRecord:
-    ledger_value, broker_value = _text(ledger), _text(broker)
+    ledger_value, broker_value = decimal_text(ledger), decimal_text(broker)
     difference = (ledger or _ZERO) - (broker or _ZERO)
     return BreakRecord(
         break_id=break_id(kind, account, contract, cutoff, ledger_value, broker_value),
@@ -367,15 +361,15 @@ def _break(
         contract=contract,
         ledger_value=ledger_value,
         broker_value=broker_value,
-        difference=_text(difference),
-        tolerance=_text(tolerance),
+        difference=decimal_text(difference),
+        tolerance=decimal_text(tolerance),
         exec_ids=tuple(exec_ids),
         detail=detail,
     )
 
 
 def _show(qty: Decimal, avg: Decimal | None) -> str:
-    return f"{_text(qty)}" if avg is None else f"{_text(qty)} @ {_text(avg)}"
+    return f"{decimal_text(qty)}" if avg is None else f"{decimal_text(qty)} @ {decimal_text(avg)}"
 
 
 def _position_breaks(
@@ -720,14 +714,14 @@ def propose(break_ref: str, cmp: Comparison, tick_size: Decimal | None = None) -
         price = None
         note = "only reduces the position: no price changes the average of the lots left (FIFO)"
     if price is not None and tick_size is not None and price % tick_size != 0:
-        note += f"; price {_text(price)} is off the tick grid ({_text(tick_size)})"
+        note += f"; price {decimal_text(price)} is off the tick grid ({decimal_text(tick_size)})"
     return Proposal(
         break_id=break_ref,
         account=cmp.account,
         contract=cmp.contract,
         side=side,
         qty=abs(delta),
-        price=None if price is None else Decimal(_text(price) or "0"),
+        price=None if price is None else Decimal(decimal_text(price) or "0"),
         note=note,
     )
 

@@ -27,7 +27,7 @@ import asyncpg
 import orjson
 
 from ledger.audit import load_stream
-from ledger.events import ReconciliationCompleted, canonical_value, event_from_stored
+from ledger.events import ReconciliationCompleted, decimal_text, event_from_stored
 from projections.pnl import trading_day
 from projections.positions import FillEffect, replay, unrealized
 from projections.queries import instrument_grid
@@ -268,8 +268,7 @@ def _cell(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, Decimal):
-        text: str = canonical_value(value)
-        return text
+        return decimal_text(value)
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat()
     return str(value)
