@@ -1,4 +1,4 @@
-"""Helpers shared by the audit, reconciliation and report tests (not a test module)."""
+"""Helpers shared by the CLI-level tests (not a test module)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,16 @@ from ledger.db import make_engine, plain_url
 from ledger.events import parse_event
 from ledger.store import EventStore
 from projections.runner import ProjectionRunner
+
+
+def instrument(contract: str, tick_size: str, tick_value: str) -> dict[str, Any]:
+    """Return a native instrument record."""
+    return {
+        "type": "instrument",
+        "contract": contract,
+        "tick_size": tick_size,
+        "tick_value": tick_value,
+    }
 
 
 def seed(db_url: str, records: list[dict[str, Any]], *, seal: bool = False) -> None:

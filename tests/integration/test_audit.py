@@ -16,24 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from cli_testing import as_json, invoke, seed
+from cli_testing import as_json, instrument, invoke, seed
 
 from ledger.db import plain_url
 
 ROOT = Path(__file__).resolve().parents[2]
 PX = "TEST.PX"  # tick 0.25, tick value 0.25: point value 1
 ES = "CON.F.US.EP.Z26"
-
-
-def instrument(
-    contract: str = PX, tick_size: str = "0.25", tick_value: str = "0.25"
-) -> dict[str, Any]:
-    return {
-        "type": "instrument",
-        "contract": contract,
-        "tick_size": tick_size,
-        "tick_value": tick_value,
-    }
 
 
 def fill(
@@ -98,7 +87,7 @@ def superuser(db_url: str, *statements: str) -> list[Any]:
 # ---------------------------------------------------------------- trail/explain
 
 RESTATED = [
-    instrument(),
+    instrument(PX, "0.25", "0.25"),
     fill("T-1", "BUY", "2", "100", "10:00:00"),
     fill("T-2", "SELL", "1", "101", "11:00:00"),
     fill("T-3", "SELL", "1", "103", "12:00:00"),
@@ -227,7 +216,7 @@ def test_explain_traces_each_lot_to_its_fill(cli_env: dict[str, str], db_url: st
 # ---------------------------------------------------------------------- verify
 
 LOG = [
-    instrument(),
+    instrument(PX, "0.25", "0.25"),
     instrument(ES, "0.25", "12.50"),
     fill("A-1", "BUY", "2", "100", "09:00:00"),
     fill("A-2", "BUY", "1", "101", "09:30:00"),

@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import yaml
+from cli_testing import instrument
 
 ROOT = Path(__file__).resolve().parents[2]
 LEDGER = [sys.executable, "-m", "ledger"]
@@ -40,16 +41,6 @@ def ingest(env: dict[str, str], path: Path, records: list[dict[str, Any]]) -> di
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     totals: dict[str, int] = ok_json(env, "ingest", str(path), "--format", "json")
     return totals
-
-
-def instrument(contract: str, tick_size: str, tick_value: str) -> dict[str, Any]:
-    return {
-        "type": "instrument",
-        "contract": contract,
-        "tick_size": tick_size,
-        "tick_value": tick_value,
-        "currency": "USD",
-    }
 
 
 def fill(

@@ -7,21 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_testing import as_json, fetchval, invoke, seed
+from cli_testing import as_json, fetchval, instrument, invoke, seed
 
 ES = "CON.F.US.EP.Z26"  # tick 0.25, tick value 12.50: point value 50
 PX = "TEST.PX"  # tick 0.25, tick value 0.25: point value 1
 DAY = "2026-11-23"
 CUTOFF = f"{DAY}T21:00:00Z"
-
-
-def instrument(contract: str, tick_size: str, tick_value: str) -> dict[str, Any]:
-    return {
-        "type": "instrument",
-        "contract": contract,
-        "tick_size": tick_size,
-        "tick_value": tick_value,
-    }
 
 
 def fill(
