@@ -410,28 +410,28 @@ class EventStore:
         ids: list[str],
         expected_versions: Mapping[str, int] | None,
     ) -> list[asyncpg.Record]:
-        """Lock the heads of ``names`` (in order) and look ``ids`` up: see _LOCK_AND_FIND."""
+        """Lock the heads of ``names`` (in order) and look ``ids`` up: see _LOCK_AND_FIND.
+
+        With expected versions a busy head fails fast (NOWAIT, lock timeout), and new
+        streams are created after the existing heads are locked. Without, every head
+        not seen before is created first, then all are locked, each in stream order: a
+        writer holds no head while it creates, so two writers cannot deadlock. Heads
+        are never removed, so a stream seen before needs no create, unless its creator
+        rolled back: the heads still missing are created and locked last.
+        """
+        lock = _LOCK_AND_FIND_NOWAIT if expected_versions else _LOCK_AND_FIND_WAIT
         try:
             if expected_versions:
-                # fail fast on a busy stream, never wait: first the heads that exist ...
                 await conn.execute(_LOCK_TIMEOUT)
-                rows: list[asyncpg.Record] = await conn.fetch(_LOCK_AND_FIND_NOWAIT, names, ids)
-                missing = sorted(set(names) - {r[1] for r in rows if r[0]})
-                if missing:  # ... then new streams
-                    await conn.execute(_CREATE_HEADS, missing, GENESIS_HASH)
-                    rows += await conn.fetch(_LOCK_AND_FIND_NOWAIT, missing, [])
-                return rows
-            # Create every missing head, then lock all, each in stream order: a writer
-            # holds no head while it creates, so two writers cannot deadlock. Heads are
-            # never removed, so a stream seen before needs no create ...
-            unknown = [s for s in names if s not in self._heads_seen]
-            if unknown:
-                await conn.execute(_CREATE_HEADS, unknown, GENESIS_HASH)
-            rows = await conn.fetch(_LOCK_AND_FIND_WAIT, names, ids)
+            else:
+                unknown = [s for s in names if s not in self._heads_seen]
+                if unknown:
+                    await conn.execute(_CREATE_HEADS, unknown, GENESIS_HASH)
+            rows: list[asyncpg.Record] = await conn.fetch(lock, names, ids)
             missing = sorted(set(names) - {r[1] for r in rows if r[0]})
-            if missing:  # ... unless its creator rolled back: create it now
+            if missing:
                 await conn.execute(_CREATE_HEADS, missing, GENESIS_HASH)
-                rows += await conn.fetch(_LOCK_AND_FIND_WAIT, missing, [])
+                rows += await conn.fetch(lock, missing, [])
             return rows
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
             busy = min(expected_versions or {"?": 0})
