@@ -49,16 +49,14 @@ from ledger.store import (
     driver_connection,
     ensure_log_statistics,
 )
-from ledger.values import Side, point_value
+from ledger.values import point_value
 from projections import store as sql
 from projections.history import HistoryRow, compact
+from projections.pagefold import FoldScope, Page, collect, fold_rows, replay_effects
 from projections.pnl import trading_day
-from projections.positions import _ZERO as _FOLD_ZERO  # what the fold realizes on opening
 from projections.positions import (
-    FillInput,
     FoldError,
     PositionState,
-    _fold_fill,
     new_state,
 )
 
@@ -66,48 +64,12 @@ __all__ = ["Instrument", "ProjectionRunner", "RebuildResult", "parse_session", "
 
 log = logging.getLogger(__name__)
 _STREAM_TYPES = frozenset({"fill", "bust", "correction"})
-_SIDES = {"BUY": Side.BUY, "SELL": Side.SELL}
-_SIDE_TEXT = {Side.BUY: "BUY", Side.SELL: "SELL"}  # faster than the enum's .value
 _ZERO = Decimal(0)
 _ONE = Decimal(1)
 _DEFAULT_BATCH = 5000
 _REBUILD_FLUSH_EVENTS = 200_000
 _JOURNAL_ROWS = 250_000
-_YIELD_MASK = 511  # fold this many rows + 1 between chances for other tasks to run
-
-# What one fill did, as the runner keeps it: (exec_id, position, occurred_at, side text, fee,
-# qty_before, qty_after, realized_fifo, realized_wac, str(qty), str(price), str(fee)); the
-# fields of a ``FillEffect`` without its per-fill object.
-_Effect = tuple[
-    str,
-    int,
-    datetime,
-    str,
-    Decimal,
-    Decimal,
-    Decimal,
-    Decimal,
-    Decimal,
-    str,
-    str,
-    str,
-]
-
-# Payload decimal text -> (its Decimal, str() of it): quantities, prices and fees repeat,
-# so a page parses and prints each distinct one once. Bounded; Decimals are immutable.
-_DECIMALS: dict[Any, tuple[Decimal, str]] = {}
-_DECIMALS_MAX = 100_000
-
-
-def _decimal(text: Any) -> tuple[Decimal, str]:
-    """Return ``(Decimal(text), str(Decimal(text)))``, cached."""
-    hit = _DECIMALS.get(text)
-    if hit is None:
-        value = Decimal(text)
-        if len(_DECIMALS) >= _DECIMALS_MAX:
-            _DECIMALS.clear()
-        hit = _DECIMALS[text] = (value, str(value))
-    return hit
+_YIELD_EVERY = 512  # rows folded between chances for other tasks to run
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,19 +191,6 @@ class _Flush:
     # stream -> day -> [account, contract, realized fifo, realized wac, fees, fills]
     daily: dict[str, dict[date, list[Any]]] = field(default_factory=dict)
     tx: Any = None  # the asyncpg transaction, once the first page is written
-
-
-@dataclass(slots=True)
-class _Page:
-    """What one page of the log changes, collected while folding it."""
-
-    end: Checkpoint
-    effects: dict[str, list[_Effect]] = field(default_factory=dict)
-    cum_before: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
-    restate: dict[str, int] = field(default_factory=dict)  # stream -> last position read
-    snapshots: list[tuple[str, int, int, datetime, datetime, str]] = field(default_factory=list)
-    forget: list[str] = field(default_factory=list)
-    history: list[str] = field(default_factory=list)  # COPY text lines
 
 
 @dataclass(slots=True)
@@ -721,7 +670,7 @@ class ProjectionRunner:
             raise
         return tx
 
-    async def _write_page(self, conn: asyncpg.Connection, generation: int, page: _Page) -> int:
+    async def _write_page(self, conn: asyncpg.Connection, generation: int, page: Page) -> int:
         await self._write(conn, generation, page)
         return 0
 
@@ -729,7 +678,7 @@ class ProjectionRunner:
         self,
         conn: asyncpg.Connection,
         generation: int,
-        page: _Page,
+        page: Page,
         flush: _Flush,
         positions: list[tuple[Any, ...]],
         progress: Callable[[int], None] | None,
@@ -877,110 +826,37 @@ class ProjectionRunner:
         rows: list[LightRow],
         end: Checkpoint,
         flush: _Flush,
-    ) -> _Page:
+    ) -> Page:
         """Fold one page into the cached states; return what it writes."""
         if not self._instruments:
             await self._load_instruments(conn)
         await self._preload(conn, generation, rows)
-        page = _Page(end)
-        cache = self._cache
-        known = self._known
-        effects_of = page.effects
-        restate = page.restate
-        every = self.snapshot_every
-        fold_fill = _fold_fill
-        decimal = _decimal
-        buy = Side.BUY
-        journal = self._journal
-        lost = self._journal_lost
+        page = Page(end)
+        scope = FoldScope(
+            self._cache,
+            self._known,
+            self._journal,
+            self._journal_lost,
+            self.snapshot_every,
+            self._state,
+            self._add_instrument,
+        )
         journaled = 0
-        for i, row in enumerate(rows):
-            if not i & _YIELD_MASK and i:
+        for lo in range(0, len(rows), _YIELD_EVERY):
+            if lo:
                 # let the writer's round trips (COPY of the previous page) go on while
                 # this page folds, rather than all wait for the end of the page
                 await asyncio.sleep(0)
-            kind = row.type
-            if kind == "fill" or kind == "bust" or kind == "correction":
-                stream = row.stream
-                if journal is not None:
-                    mine = journal.get(stream)
-                    if mine is not None:
-                        mine.append(row)
-                        journaled += 1
-                    elif stream not in lost:
-                        journal[stream] = [row]
-                        journaled += 1
-                seen = known.get(stream)
-                if seen is None or row.recorded_at > seen:
-                    known[stream] = row.recorded_at
-                if kind != "fill" or stream in restate:
-                    # a bust or correction restates its stream, and so does every later
-                    # event of a stream already restating in this page
-                    restate[stream] = row.global_position
-                    continue
-                p = orjson.loads(row.payload)
-                state = cache.get(stream)
-                if state is None:
-                    state = self._state(stream, p["account"], p["contract"])
-                occurred_at = datetime.fromisoformat(p["occurred_at"])
-                position = row.global_position
-                last_key = state.last_key
-                if last_key is not None and (occurred_at, position) <= last_key:
-                    restate[stream] = position  # a late fill: replay the stream
-                    continue
-                exec_id = p["exec_id"]
-                side_s = p["side"]
-                side = _SIDES[side_s]
-                qty, qty_s = decimal(p["qty"])
-                price, price_s = decimal(p["price"])
-                fee, fee_s = decimal(p["fee"])
-                effects = effects_of.get(stream)
-                if effects is None:
-                    effects = effects_of[stream] = []
-                    page.cum_before[stream] = (state.realized_fifo, state.realized_wac)
-                before, after, realized_fifo, realized_wac, _ = fold_fill(
-                    state, exec_id, side is buy, qty, price, fee, occurred_at, position
-                )
-                effects.append(
-                    (
-                        exec_id,
-                        position,
-                        occurred_at,
-                        side_s,
-                        fee,
-                        before,
-                        after,
-                        realized_fifo,
-                        realized_wac,
-                        qty_s,
-                        price_s,
-                        fee_s,
-                    )
-                )
-                cache.move_to_end(stream)
-                if state.fill_count % every == 0:
-                    page.snapshots.append(
-                        (
-                            stream,
-                            position,
-                            position,
-                            occurred_at,
-                            known[stream],
-                            orjson.dumps(state.to_json()).decode(),
-                        )
-                    )
-            elif kind == "instrument":
-                self._add_instrument(orjson.loads(row.payload))
-            # marks, broker reports, reconciliation runs and seals change no position
-        if journal is not None:
+            journaled += fold_rows(scope, page, rows, lo, min(lo + _YIELD_EVERY, len(rows)))
+        if self._journal is not None:
             self._journal_size += journaled
-        if restate:
+        if page.restate:
             await self._restate(conn, page)
         self._journal_trim()
-        self._collect(generation, page, flush)
+        collect(page, generation, self._cache, flush.daily, flush.dirty, self._utc_days, self._day)
         return page
 
-    async def _restate(self, conn: asyncpg.Connection, page: _Page) -> None:
+    async def _restate(self, conn: asyncpg.Connection, page: Page) -> None:
         """Replay every stream of ``page.restate`` from the log, up to the page's end."""
         streams = sorted(page.restate)
         end = page.end
@@ -1009,7 +885,7 @@ class ProjectionRunner:
             account, contract = stream.split("/", 1)
             instrument = self._instrument(contract)
             state = new_state(account, contract, instrument.point_value, instrument.tick_size)
-            effects = [_effect(state, f) for f in _effective_fills(events)]
+            effects = replay_effects(state, events)
             self._cache[stream] = state
             self._cache.move_to_end(stream)
             latest = max((e[3] for e in events), default=None)
@@ -1033,82 +909,6 @@ class ProjectionRunner:
                         orjson.dumps(state.to_json()).decode(),
                     )
                 )
-
-    def _collect(self, generation: int, page: _Page, flush: _Flush) -> None:
-        """Turn the page's effects into history rows and daily P&L, now (before the next
-        page mutates the states)."""
-        history = page.history
-        cache = self._cache
-        zero = _FOLD_ZERO
-        daily_all = flush.daily
-        utc_days = self._utc_days
-        utc = UTC
-        copy_text = _copy_text
-        day_text: dict[date, str] = {}
-        for stream in page.forget:
-            daily_all[stream] = {}  # the stream's daily rows are rewritten from scratch
-        for stream, effects in page.effects.items():
-            flush.dirty.add(stream)
-            if not effects:
-                continue
-            state = cache[stream]
-            account, contract = state.account, state.contract
-            # COPY text format: one line per row, tab-separated (ids never hold a tab, a
-            # newline or a backslash; _copy_text escapes them anyway)
-            prefix = f"{generation}\t{_copy_text(stream)}\t"
-            middle = f"\tdetail\t{_copy_text(account)}\t{_copy_text(contract)}\t"
-            cum_fifo, cum_wac = page.cum_before[stream]
-            daily = daily_all.get(stream)
-            if daily is None:
-                daily = daily_all[stream] = {}
-            # a fill's qty_before is the previous fill's qty_after (the same object)
-            last_after: Decimal | None = None
-            last_after_s = ""
-            for (
-                exec_id,
-                position,
-                occurred_at,
-                side_s,
-                fee,
-                before,
-                after,
-                realized_fifo,
-                realized_wac,
-                qty_s,
-                price_s,
-                fee_s,
-            ) in effects:
-                cum_fifo += realized_fifo
-                cum_wac += realized_wac
-                if utc_days and occurred_at.tzinfo is utc:
-                    day = occurred_at.date()
-                else:
-                    day = self._day(occurred_at)
-                day_s = day_text.get(day)
-                if day_s is None:
-                    day_s = day_text[day] = day.isoformat()
-                before_s = last_after_s if before is last_after else str(before)
-                last_after = after
-                last_after_s = str(after)
-                # (str() of a Decimal is twice as fast as its __format__)
-                history.append(
-                    f"{prefix}{position}{middle}{copy_text(exec_id)}\t"
-                    f"{occurred_at.isoformat()}\t{day_s}\t{side_s}\t"
-                    f"{qty_s}\t{price_s}\t{before_s}\t{last_after_s}\t"
-                    f"{'0' if realized_fifo is zero else str(realized_fifo)}\t"
-                    f"{'0' if realized_wac is zero else str(realized_wac)}\t{cum_fifo!s}\t"
-                    f"{cum_wac!s}\t{fee_s}\n"
-                )
-                bucket = daily.get(day)
-                if bucket is None:
-                    daily[day] = [account, contract, realized_fifo, realized_wac, fee, 1]
-                else:
-                    bucket[2] += realized_fifo
-                    bucket[3] += realized_wac
-                    bucket[4] += fee
-                    bucket[5] += 1
-        for stream in page.forget:
-            flush.dirty.add(stream)
 
     def _position_rows(self, streams: set[str]) -> list[tuple[Any, ...]]:
         rows = []
@@ -1136,7 +936,7 @@ class ProjectionRunner:
             )
         return rows
 
-    async def _write(self, conn: asyncpg.Connection, generation: int, page: _Page) -> None:
+    async def _write(self, conn: asyncpg.Connection, generation: int, page: Page) -> None:
         """Write one page's rows inside the open transaction (not its positions)."""
         if page.forget:
             for statement in sql.FORGET_STREAM:
@@ -1176,79 +976,3 @@ class ProjectionRunner:
             self._known.pop(stream, None)
             self._journal_drop(stream)
             excess -= 1
-
-
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy_text(value: str) -> str:
-    """Return ``value`` escaped for COPY's text format."""
-    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
-        return value.translate(_COPY_ESCAPES)
-    return value
-
-
-def _effect(state: PositionState, f: FillInput) -> _Effect:
-    """Fold ``f`` into ``state`` and return its effect as the runner keeps it."""
-    before, after, realized_fifo, realized_wac, _ = _fold_fill(
-        state, f.exec_id, f.side is Side.BUY, f.qty, f.price, f.fee, f.occurred_at, f.position
-    )
-    return (
-        f.exec_id,
-        f.position,
-        f.occurred_at,
-        _SIDE_TEXT[f.side],
-        f.fee,
-        before,
-        after,
-        realized_fifo,
-        realized_wac,
-        str(f.qty),
-        str(f.price),
-        str(f.fee),
-    )
-
-
-def _effective_fills(events: list[tuple[int, str, str, datetime]]) -> list[FillInput]:
-    """Return a stream's standing fills in event order, from ``(position, type, payload
-    JSON, recorded_at)`` rows: the rules of ``projections.positions.effective_fills``
-    (a bust removes, the latest correction by (occurred_at, position) replaces, the
-    earliest record of an execution stands), without building pydantic events.
-    """
-    recorded: dict[str, tuple[int, dict[str, Any]]] = {}
-    busted: set[str] = set()
-    corrected: dict[str, tuple[tuple[datetime, int], dict[str, Any]]] = {}
-    for position, kind, payload, _recorded_at in events:
-        p = orjson.loads(payload)
-        exec_id = p["exec_id"]
-        if kind == "fill":
-            earlier = recorded.get(exec_id)
-            if earlier is None or position < earlier[0]:
-                recorded[exec_id] = (position, p)
-        elif kind == "bust":
-            busted.add(exec_id)
-        else:
-            key = (datetime.fromisoformat(p["occurred_at"]), position)
-            latest = corrected.get(exec_id)
-            if latest is None or key > latest[0]:
-                corrected[exec_id] = (key, p)
-    fills = []
-    for exec_id, (position, p) in recorded.items():
-        if exec_id in busted:
-            continue
-        correction = corrected.get(exec_id)
-        source = p if correction is None else correction[1]
-        fills.append(
-            FillInput(
-                exec_id=exec_id,
-                side=_SIDES[p["side"]],
-                qty=Decimal(source["qty"]),
-                price=Decimal(source["price"]),
-                fee=Decimal(source.get("fee", "0")),
-                occurred_at=datetime.fromisoformat(p["occurred_at"]),
-                position=position,
-                order_id=p.get("order_id"),
-            )
-        )
-    fills.sort(key=lambda f: (f.occurred_at, f.position))
-    return fills

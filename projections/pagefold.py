@@ -1,0 +1,368 @@
+"""The runner's hot loops, on plain values: fold a page of log rows into the cached
+position states, and turn what a page did into history lines and daily P&L.
+
+No I/O: :mod:`projections.runner` reads the rows and writes what these return. Kept
+apart from the runner (which is async) so that mypyc can compile this module and
+:mod:`projections.positions` into C when the package is installed on a machine with a
+C compiler (``setup.py``); the same source runs interpreted otherwise. Either way the
+results are the same, digit for digit (``tests/unit/test_compiled.py``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from ledger.store import Checkpoint, LightRow
+from ledger.values import Side
+from projections.positions import _ZERO as _FOLD_ZERO  # what the fold realizes on opening
+from projections.positions import FillInput, PositionState, _fold_fill
+
+__all__ = ["Effect", "FoldScope", "Page", "collect", "copy_text", "fold_rows", "replay_effects"]
+
+_SIDES = {"BUY": Side.BUY, "SELL": Side.SELL}
+_SIDE_TEXT = {Side.BUY: "BUY", Side.SELL: "SELL"}  # faster than the enum's .value
+_STREAM_TYPES = frozenset({"fill", "bust", "correction"})
+
+Effect = tuple[str, int, datetime, str, Decimal, Decimal, Decimal, Decimal, Decimal, str, str, str]
+"""What one fill did, as the runner keeps it: (exec_id, position, occurred_at, side text,
+fee, qty_before, qty_after, realized_fifo, realized_wac, str(qty), str(price),
+str(fee)); the fields of a ``FillEffect`` without its per-fill object."""
+
+# Payload decimal text -> (its Decimal, str() of it): quantities, prices and fees repeat,
+# so a page parses and prints each distinct one once. Bounded; Decimals are immutable.
+_DECIMALS: dict[Any, tuple[Decimal, str]] = {}
+_DECIMALS_MAX = 100_000
+
+
+def _decimal(text: Any) -> tuple[Decimal, str]:
+    """Return ``(Decimal(text), str(Decimal(text)))``, cached."""
+    hit = _DECIMALS.get(text)
+    if hit is None:
+        value = Decimal(text)
+        if len(_DECIMALS) >= _DECIMALS_MAX:
+            _DECIMALS.clear()
+        hit = (value, str(value))
+        _DECIMALS[text] = hit
+    return hit
+
+
+@dataclass
+class Page:
+    """What one page of the log changes, collected while folding it."""
+
+    end: Checkpoint
+    effects: dict[str, list[Effect]] = field(default_factory=dict)
+    cum_before: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
+    restate: dict[str, int] = field(default_factory=dict)  # stream -> last position read
+    snapshots: list[tuple[str, int, int, datetime, datetime, str]] = field(default_factory=list)
+    forget: list[str] = field(default_factory=list)
+    history: list[str] = field(default_factory=list)  # COPY text lines
+
+
+@dataclass
+class FoldScope:
+    """The runner's state that folding a page reads and updates.
+
+    Attributes:
+        cache: stream -> its folded state, least recently used first.
+        known: stream -> the latest ``recorded_at`` of the events its state holds.
+        journal: stream -> its fill, bust and correction rows so far, while a drain
+            from the start of the log keeps them (None: not kept).
+        lost: streams the journal no longer holds whole.
+        snapshot_every: snapshot a stream every this many fills.
+        new_state: ``(stream, account, contract)`` -> a flat state for a stream first
+            seen (raises ``FoldError`` for a contract with no instrument).
+        add_instrument: takes the payload of an ``instrument`` event.
+    """
+
+    cache: OrderedDict[str, PositionState]
+    known: dict[str, datetime]
+    journal: dict[str, list[LightRow]] | None
+    lost: set[str]
+    snapshot_every: int
+    new_state: Callable[[str, str, str], PositionState]
+    add_instrument: Callable[[dict[str, Any]], None]
+
+
+def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: int) -> int:
+    """Fold ``rows[lo:hi]`` into ``scope``'s states, recording effects in ``page``.
+
+    A fill that sorts after its stream's last folded fill is folded here; a bust, a
+    correction, a late fill, and every later row of a stream already restating in this
+    page only mark the stream in ``page.restate`` (the runner replays it afterwards).
+
+    Returns:
+        How many rows were added to the journal.
+    """
+    cache = scope.cache
+    known = scope.known
+    journal = scope.journal
+    lost = scope.lost
+    every = scope.snapshot_every
+    effects_of = page.effects
+    cum_before = page.cum_before
+    restate = page.restate
+    snapshots = page.snapshots
+    journaled = 0
+    for i in range(lo, hi):
+        row = rows[i]
+        kind = row.type
+        if kind == "fill" or kind == "bust" or kind == "correction":
+            stream = row.stream
+            if journal is not None:
+                mine = journal.get(stream)
+                if mine is not None:
+                    mine.append(row)
+                    journaled += 1
+                elif stream not in lost:
+                    journal[stream] = [row]
+                    journaled += 1
+            recorded_at = row.recorded_at
+            seen = known.get(stream)
+            if seen is None or recorded_at > seen:
+                known[stream] = recorded_at
+            position = row.global_position
+            if kind != "fill" or stream in restate:
+                # a bust or correction restates its stream, and so does every later
+                # event of a stream already restating in this page
+                restate[stream] = position
+                continue
+            p = orjson.loads(row.payload)
+            state = cache.get(stream)
+            if state is None:
+                state = scope.new_state(stream, p["account"], p["contract"])
+            occurred_at = datetime.fromisoformat(p["occurred_at"])
+            last_key = state.last_key
+            if last_key is not None and (occurred_at, position) <= last_key:
+                restate[stream] = position  # a late fill: replay the stream
+                continue
+            exec_id: str = p["exec_id"]
+            side_s: str = p["side"]
+            qty, qty_s = _decimal(p["qty"])
+            price, price_s = _decimal(p["price"])
+            fee, fee_s = _decimal(p["fee"])
+            effects = effects_of.get(stream)
+            if effects is None:
+                effects = []
+                effects_of[stream] = effects
+                cum_before[stream] = (state.realized_fifo, state.realized_wac)
+            before, after, realized_fifo, realized_wac, _ = _fold_fill(
+                state, exec_id, side_s == "BUY", qty, price, fee, occurred_at, position
+            )
+            effects.append(
+                (
+                    exec_id,
+                    position,
+                    occurred_at,
+                    side_s,
+                    fee,
+                    before,
+                    after,
+                    realized_fifo,
+                    realized_wac,
+                    qty_s,
+                    price_s,
+                    fee_s,
+                )
+            )
+            cache.move_to_end(stream)
+            if state.fill_count % every == 0:
+                snapshots.append(
+                    (
+                        stream,
+                        position,
+                        position,
+                        occurred_at,
+                        known[stream],
+                        orjson.dumps(state.to_json()).decode(),
+                    )
+                )
+        elif kind == "instrument":
+            scope.add_instrument(orjson.loads(row.payload))
+        # marks, broker reports, reconciliation runs and seals change no position
+    return journaled
+
+
+def collect(
+    page: Page,
+    generation: int,
+    cache: OrderedDict[str, PositionState],
+    daily_all: dict[str, dict[date, list[Any]]],
+    dirty: set[str],
+    utc_days: bool,
+    day_of: Callable[[datetime], date],
+) -> None:
+    """Turn ``page.effects`` into history lines (``page.history``) and daily P&L
+    (``daily_all``: stream -> day -> [account, contract, realized fifo, realized wac,
+    fees, fills]), now, before the next page mutates the states.
+
+    ``day_of`` gives a fill's trading day; with ``utc_days`` (no session boundary
+    configured) a fill stamped in UTC takes its calendar date without the call.
+    """
+    history = page.history
+    zero = _FOLD_ZERO
+    utc = UTC
+    day_text: dict[date, str] = {}
+    for stream in page.forget:
+        daily_all[stream] = {}  # the stream's daily rows are rewritten from scratch
+    for stream, effects in page.effects.items():
+        dirty.add(stream)
+        if not effects:
+            continue
+        state = cache[stream]
+        # COPY text format: one line per row, tab-separated (ids never hold a tab, a
+        # newline or a backslash; copy_text escapes them anyway)
+        prefix = f"{generation}\t{copy_text(stream)}\t"
+        middle = f"\tdetail\t{copy_text(state.account)}\t{copy_text(state.contract)}\t"
+        cum_fifo, cum_wac = page.cum_before[stream]
+        daily = daily_all.get(stream)
+        if daily is None:
+            daily = {}
+            daily_all[stream] = daily
+        # a fill's qty_before is the previous fill's qty_after (the same object)
+        last_after: Decimal | None = None
+        last_after_s = ""
+        for (
+            exec_id,
+            position,
+            occurred_at,
+            side_s,
+            fee,
+            before,
+            after,
+            realized_fifo,
+            realized_wac,
+            qty_s,
+            price_s,
+            fee_s,
+        ) in effects:
+            cum_fifo += realized_fifo
+            cum_wac += realized_wac
+            if utc_days and occurred_at.tzinfo is utc:
+                day = occurred_at.date()
+            else:
+                day = day_of(occurred_at)
+            day_s = day_text.get(day)
+            if day_s is None:
+                day_s = day.isoformat()
+                day_text[day] = day_s
+            before_s = last_after_s if before is last_after else str(before)
+            last_after = after
+            last_after_s = str(after)
+            # (str() of a Decimal is twice as fast as its __format__)
+            history.append(
+                f"{prefix}{position}{middle}{copy_text(exec_id)}\t"
+                f"{occurred_at.isoformat()}\t{day_s}\t{side_s}\t"
+                f"{qty_s}\t{price_s}\t{before_s}\t{last_after_s}\t"
+                f"{'0' if realized_fifo is zero else str(realized_fifo)}\t"
+                f"{'0' if realized_wac is zero else str(realized_wac)}\t{cum_fifo!s}\t"
+                f"{cum_wac!s}\t{fee_s}\n"
+            )
+            bucket = daily.get(day)
+            if bucket is None:
+                daily[day] = [state.account, state.contract, realized_fifo, realized_wac, fee, 1]
+            else:
+                bucket[2] += realized_fifo
+                bucket[3] += realized_wac
+                bucket[4] += fee
+                bucket[5] += 1
+    for stream in page.forget:
+        dirty.add(stream)
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_text(value: str) -> str:
+    """Return ``value`` escaped for COPY's text format."""
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
+def replay_effects(
+    state: PositionState, events: list[tuple[int, str, str, datetime]]
+) -> list[Effect]:
+    """Fold a stream's standing fills into ``state`` (flat) and return their effects.
+
+    ``events`` are the stream's ``(position, type, payload JSON, recorded_at)`` rows, in
+    any order.
+    """
+    effects: list[Effect] = []
+    for f in effective_fills(events):
+        before, after, realized_fifo, realized_wac, _ = _fold_fill(
+            state, f.exec_id, f.side is Side.BUY, f.qty, f.price, f.fee, f.occurred_at, f.position
+        )
+        effects.append(
+            (
+                f.exec_id,
+                f.position,
+                f.occurred_at,
+                _SIDE_TEXT[f.side],
+                f.fee,
+                before,
+                after,
+                realized_fifo,
+                realized_wac,
+                str(f.qty),
+                str(f.price),
+                str(f.fee),
+            )
+        )
+    return effects
+
+
+def _fill_key(f: FillInput) -> tuple[datetime, int]:
+    return (f.occurred_at, f.position)
+
+
+def effective_fills(events: list[tuple[int, str, str, datetime]]) -> list[FillInput]:
+    """Return a stream's standing fills in event order, from ``(position, type, payload
+    JSON, recorded_at)`` rows: the rules of ``projections.positions.effective_fills``
+    (a bust removes, the latest correction by (occurred_at, position) replaces, the
+    earliest record of an execution stands), without building pydantic events.
+    """
+    recorded: dict[str, tuple[int, dict[str, Any]]] = {}
+    busted: set[str] = set()
+    corrected: dict[str, tuple[tuple[datetime, int], dict[str, Any]]] = {}
+    for position, kind, payload, _recorded_at in events:
+        p: dict[str, Any] = orjson.loads(payload)
+        exec_id: str = p["exec_id"]
+        if kind == "fill":
+            earlier = recorded.get(exec_id)
+            if earlier is None or position < earlier[0]:
+                recorded[exec_id] = (position, p)
+        elif kind == "bust":
+            busted.add(exec_id)
+        else:
+            key = (datetime.fromisoformat(p["occurred_at"]), position)
+            latest = corrected.get(exec_id)
+            if latest is None or key > latest[0]:
+                corrected[exec_id] = (key, p)
+    fills = []
+    for exec_id, (position, p) in recorded.items():
+        if exec_id in busted:
+            continue
+        correction = corrected.get(exec_id)
+        source = p if correction is None else correction[1]
+        fills.append(
+            FillInput(
+                exec_id=exec_id,
+                side=_SIDES[p["side"]],
+                qty=Decimal(source["qty"]),
+                price=Decimal(source["price"]),
+                fee=Decimal(source.get("fee", "0")),
+                occurred_at=datetime.fromisoformat(p["occurred_at"]),
+                position=position,
+                order_id=p.get("order_id"),
+            )
+        )
+    fills.sort(key=_fill_key)
+    return fills
