@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
+import projections
 from ledger.db import migrate, plain_url
 
 __all__ = [
@@ -118,7 +119,8 @@ async def server_settings(url: str) -> str:
             parts.append(f"{name}={await conn.fetchval(f'SHOW {name}')}")
     finally:
         await conn.close()
-    return ", ".join(parts) + f"; {os.cpu_count()} CPUs"
+    fold = "compiled by mypyc" if projections.running_compiled() else "interpreted"
+    return ", ".join(parts) + f"; {os.cpu_count()} CPUs; projection fold {fold}"
 
 
 async def table_scans(db_url: str, table: str = "events") -> str:

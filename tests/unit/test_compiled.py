@@ -1,0 +1,269 @@
+"""The fold compiled by mypyc (setup.py) is the fold: same results as its source, digit
+for digit, and the build in use is the one the benchmarks claim."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import projections
+from ledger.store import Checkpoint, LightRow
+from ledger.values import point_value
+from projections import pagefold, positions
+from projections.pnl import trading_day
+
+PACKAGE = Path(projections.__file__).parent
+T0 = datetime(2024, 3, 4, 14, 0, tzinfo=UTC)
+# contract -> (tick size, tick value, lowest price)
+CONTRACTS = {
+    "ES": ("0.25", "12.5", Decimal("4900.00")),
+    "ZN": ("0.015625", "15.625", Decimal("109.000000")),
+}
+can_compile = bool(shutil.which("cc") or shutil.which("gcc")) and not os.environ.get(
+    "LEDGER_PURE_PYTHON"
+)
+
+
+def _source_modules() -> tuple[ModuleType, ModuleType]:
+    """Load positions.py and pagefold.py from source, the second bound to the first."""
+    saved = sys.modules.get("projections.positions")
+    loaded = []
+    try:
+        for name in projections.COMPILED:
+            spec = importlib.util.spec_from_file_location(
+                f"projections.{name}", PACKAGE / f"{name}.py"
+            )
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            # pagefold's `from projections.positions import ...` must bind the source
+            sys.modules[f"projections.{name}"] = module
+            spec.loader.exec_module(module)
+            loaded.append(module)
+    finally:
+        sys.modules["projections.positions"] = saved  # type: ignore[assignment]
+        sys.modules["projections.pagefold"] = pagefold
+    return loaded[0], loaded[1]
+
+
+SOURCE_POSITIONS, SOURCE_PAGEFOLD = _source_modules()
+
+
+def test_source_modules_are_interpreted() -> None:
+    assert str(SOURCE_POSITIONS.__file__).endswith("positions.py")
+    assert str(SOURCE_PAGEFOLD.__file__).endswith("pagefold.py")
+    assert SOURCE_PAGEFOLD._fold_fill is SOURCE_POSITIONS._fold_fill
+
+
+@pytest.mark.skipif(not can_compile, reason="no C compiler here: nothing is compiled")
+def test_setup_compiled_the_fold_and_it_is_in_use() -> None:
+    assert projections.compiled_build(), "run `bash scripts/setup`: the fold is not compiled"
+    assert projections.running_compiled()
+    assert not str(positions.__file__).endswith(".py")
+
+
+def test_a_stale_build_is_not_used(tmp_path: Path) -> None:
+    for name in projections.COMPILED:
+        (tmp_path / f"{name}.py").write_text("")
+        (tmp_path / f"{name}.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert projections.compiled_build(tmp_path)
+    future = time.time() + 60
+    os.utime(tmp_path / "pagefold.py", (future, future))  # edited after the build
+    assert not projections.compiled_build(tmp_path)
+    (tmp_path / "pagefold.py").unlink()
+    assert not projections.compiled_build(tmp_path)
+    assert not projections.compiled_build(tmp_path / "empty")
+
+
+# --------------------------------------------------------------- same results
+
+
+def _rows(draw: st.DrawFn) -> list[LightRow]:
+    """Log rows of a few streams: instruments, fills (some late), busts, corrections."""
+    rows: list[LightRow] = []
+    recorded = T0 + timedelta(days=1)
+
+    def add(kind: str, stream: str, payload: dict[str, Any]) -> None:
+        n = len(rows) + 1
+        rows.append(LightRow(n, 100 + n, stream, kind, orjson.dumps(payload).decode(), recorded))
+
+    for contract, (tick, value, _) in CONTRACTS.items():
+        add(
+            "instrument",
+            f"instrument/{contract}",
+            {"contract": contract, "tick_size": tick, "tick_value": value, "currency": "USD"},
+        )
+    execs: list[tuple[str, str, str]] = []
+    for i in range(draw(st.integers(min_value=1, max_value=40))):
+        account = draw(st.sampled_from(["ACC1", "ACC2"]))
+        contract = draw(st.sampled_from(sorted(CONTRACTS)))
+        stream = f"{account}/{contract}"
+        action = draw(st.sampled_from(["fill"] * 8 + ["bust", "correction", "mark"]))
+        tick = Decimal(CONTRACTS[contract][0])
+        price = CONTRACTS[contract][2] + tick * draw(st.integers(min_value=0, max_value=40))
+        if action == "fill" or not execs:
+            exec_id = f"X{i}"
+            late = draw(st.integers(min_value=0, max_value=9)) == 0
+            occurred = T0 + timedelta(seconds=(i - 30 if late else i), microseconds=i)
+            execs.append((exec_id, stream, contract))
+            add(
+                "fill",
+                stream,
+                {
+                    "account": account,
+                    "contract": contract,
+                    "exec_id": exec_id,
+                    "side": draw(st.sampled_from(["BUY", "SELL"])),
+                    "qty": str(draw(st.integers(min_value=1, max_value=6))),
+                    "price": str(price),
+                    "fee": draw(st.sampled_from(["0", "1.40", "0.62"])),
+                    "occurred_at": occurred.isoformat(),
+                },
+            )
+        elif action == "mark":
+            add("mark", f"mark/{contract}", {"contract": contract, "price": str(price)})
+        else:
+            exec_id, stream, contract = draw(st.sampled_from(execs))
+            payload: dict[str, Any] = {
+                "exec_id": exec_id,
+                "occurred_at": (T0 + timedelta(seconds=i)).isoformat(),
+            }
+            if action == "correction":
+                tick = Decimal(CONTRACTS[contract][0])  # the corrected execution's contract
+                price = CONTRACTS[contract][2] + tick * draw(st.integers(min_value=0, max_value=40))
+                payload.update(qty="2", price=str(price), fee="0.25")
+            add(action, stream, payload)
+    return rows
+
+
+def _fold(pf: ModuleType, pos: ModuleType, rows: list[LightRow]) -> dict[str, Any]:
+    """Fold ``rows`` as the runner does (two slices, restate, collect); return all."""
+    cache: OrderedDict[str, Any] = OrderedDict()
+    instruments: dict[str, tuple[Decimal, Decimal]] = {}
+
+    def new_state(stream: str, account: str, contract: str) -> Any:
+        tick, value = instruments[contract]
+        state = pos.new_state(account, contract, point_value(value, tick), tick)
+        cache[stream] = state
+        return state
+
+    def add_instrument(p: dict[str, Any]) -> None:
+        instruments[p["contract"]] = (Decimal(p["tick_size"]), Decimal(p["tick_value"]))
+
+    journal: dict[str, list[LightRow]] = {}
+    scope = pf.FoldScope(cache, {}, journal, set(), 3, new_state, add_instrument)
+    page = pf.Page(Checkpoint(rows[-1].tx_id, rows[-1].global_position))
+    middle = len(rows) // 2
+    journaled = pf.fold_rows(scope, page, rows, 0, middle)
+    journaled += pf.fold_rows(scope, page, rows, middle, len(rows))
+    for stream in sorted(page.restate):
+        account, contract = stream.split("/")
+        state = new_state(stream, account, contract)
+        events = [(r.global_position, r.type, r.payload, r.recorded_at) for r in journal[stream]]
+        page.effects[stream] = pf.replay_effects(state, events)
+        page.cum_before[stream] = (Decimal(0), Decimal(0))
+    page.forget = sorted(page.restate)
+    daily: dict[str, dict[date, list[Any]]] = {}
+    dirty: set[str] = set()
+    collect_days: list[datetime] = []
+
+    def day_of(at: datetime) -> date:
+        collect_days.append(at)
+        return trading_day(at, None, None)
+
+    pf.collect(page, 7, cache, daily, dirty, True, day_of)
+    return {
+        "journaled": journaled,
+        "effects": page.effects,
+        "restate": page.restate,
+        "snapshots": page.snapshots,
+        "history": page.history,
+        "daily": daily,
+        "dirty": dirty,
+        "states": {s: orjson.dumps(state.to_json()) for s, state in cache.items()},
+        "order": list(cache),
+        "days": collect_days,
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_compiled_and_source_folds_agree_digit_for_digit(data: st.DataObject) -> None:
+    rows = _rows(data.draw)
+    compiled = _fold(pagefold, positions, rows)
+    source = _fold(SOURCE_PAGEFOLD, SOURCE_POSITIONS, rows)
+    assert compiled == source
+    # and the decimals agree in their exponents too, not only in value
+    assert repr(compiled["effects"]) == repr(source["effects"])
+    assert repr(compiled["daily"]) == repr(source["daily"])
+
+
+def _lines(history: list[str]) -> Iterator[list[str]]:
+    for line in history:
+        assert line.endswith("\n")
+        yield line[:-1].split("\t")
+
+
+def test_history_lines_carry_the_payload_timestamp_and_running_totals() -> None:
+    """A concrete case, so the comparison above is not only compiled == source."""
+    rows = [
+        LightRow(
+            1,
+            1,
+            "instrument/ES",
+            "instrument",
+            orjson.dumps(
+                {"contract": "ES", "tick_size": "0.25", "tick_value": "12.5", "currency": "USD"}
+            ).decode(),
+            T0,
+        ),
+    ]
+    for n, (side, qty, price) in enumerate(
+        [("BUY", "2", "5000.25"), ("SELL", "3", "5001.00"), ("BUY", "1", "5000.00")], start=2
+    ):
+        payload = {
+            "account": "ACC1",
+            "contract": "ES",
+            "exec_id": f"E{n}",
+            "side": side,
+            "qty": qty,
+            "price": price,
+            "fee": "1.40",
+            "occurred_at": f"2024-03-04T14:00:0{n}.000001+00:00",
+        }
+        rows.append(LightRow(n, n, "ACC1/ES", "fill", orjson.dumps(payload).decode(), T0))
+    result = _fold(pagefold, positions, rows)
+    lines = list(_lines(result["history"]))
+    assert [line[7] for line in lines] == [
+        "2024-03-04T14:00:02.000001+00:00",
+        "2024-03-04T14:00:03.000001+00:00",
+        "2024-03-04T14:00:04.000001+00:00",
+    ]
+    # qty before/after, realized fifo/wac, cumulative fifo/wac, fee
+    assert [line[12:19] for line in lines] == [
+        ["0", "2", "0", "0", "0", "0", "1.40"],
+        ["2", "-1", "75.00", "75.00", "75.00", "75.00", "1.40"],
+        ["-1", "0", "50.00", "50.00", "125.00", "125.00", "1.40"],
+    ]
+    assert result["daily"]["ACC1/ES"][date(2024, 3, 4)] == [
+        "ACC1",
+        "ES",
+        Decimal("125.00"),
+        Decimal("125.00"),
+        Decimal("4.20"),
+        3,
+    ]
