@@ -45,7 +45,9 @@ def ext_modules() -> list[Any]:
         except ImportError:
             why_not = "mypyc is not installed in the build environment"
         else:
-            return list(mypycify(COMPILED, opt_level="3"))
+            # the modules share one runtime library; inside the package, so that it is
+            # importable wherever the package is (not only from the source tree)
+            return list(mypycify(COMPILED, opt_level="3", group_name="projections.fold"))
     print(f"position-ledger: installing without compiled modules ({why_not})", file=sys.stderr)
     return []
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections import OrderedDict
@@ -74,6 +75,25 @@ def test_setup_compiled_the_fold_and_it_is_in_use() -> None:
     assert projections.compiled_build(), "run `bash scripts/setup`: the fold is not compiled"
     assert projections.running_compiled()
     assert not str(positions.__file__).endswith(".py")
+
+
+@pytest.mark.skipif(not can_compile, reason="no C compiler here: nothing is compiled")
+def test_the_compiled_fold_imports_outside_the_source_tree(tmp_path: Path) -> None:
+    """The console script runs from anywhere: every compiled piece (the modules and
+    their shared runtime library) must be importable from another directory."""
+    check = (
+        "import projections, projections.runner; "
+        "assert projections.running_compiled(), 'interpreted'; print('ok')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_a_stale_build_is_not_used(tmp_path: Path) -> None:
