@@ -24,7 +24,16 @@ from ledger.values import Side
 from projections.positions import _ZERO as _FOLD_ZERO  # what the fold realizes on opening
 from projections.positions import FillInput, PositionState, _fold_fill
 
-__all__ = ["Effect", "FoldScope", "Page", "collect", "copy_text", "fold_rows", "replay_effects"]
+__all__ = [
+    "Effect",
+    "FoldScope",
+    "Page",
+    "collect",
+    "copy_text",
+    "effective_fills",
+    "fold_rows",
+    "restate_stream",
+]
 
 _SIDES = {"BUY": Side.BUY, "SELL": Side.SELL}
 _SIDE_TEXT = {Side.BUY: "BUY", Side.SELL: "SELL"}  # faster than the enum's .value
@@ -65,7 +74,8 @@ class Page:
     cum_before: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
     restate: dict[str, int] = field(default_factory=dict)  # stream -> last position read
     snapshots: list[tuple[str, int, int, datetime, datetime, str]] = field(default_factory=list)
-    forget: list[str] = field(default_factory=list)
+    # stream -> the first trading day whose history and daily P&L are rewritten
+    forget: dict[str, date] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)  # COPY text lines
 
 
@@ -215,8 +225,12 @@ def collect(
     zero = _FOLD_ZERO
     utc = UTC
     day_text: dict[date, str] = {}
-    for stream in page.forget:
-        daily_all[stream] = {}  # the stream's daily rows are rewritten from scratch
+    for stream, from_day in page.forget.items():
+        # the stream's daily rows from that day on are rewritten from scratch
+        daily = daily_all.get(stream)
+        if daily:
+            for day in [d for d in daily if d >= from_day]:
+                del daily[day]
     for stream, effects in page.effects.items():
         dirty.add(stream)
         if not effects:
@@ -307,37 +321,87 @@ def copy_text(value: str) -> str:
     return value
 
 
-def replay_effects(
-    state: PositionState, events: list[tuple[int, str, str, datetime]]
-) -> list[Effect]:
-    """Fold a stream's standing fills into ``state`` (flat) and return their effects.
+def restate_stream(
+    state: PositionState,
+    events: list[tuple[int, str, str, datetime]],
+    first_new: int,
+    utc_days: bool,
+    day_of: Callable[[datetime], date],
+) -> tuple[list[Effect], date | None, tuple[Decimal, Decimal]]:
+    """Replay a stream's standing fills into ``state`` (flat); emit effects only from
+    the first trading day the new rows can change.
 
-    ``events`` are the stream's ``(position, type, payload JSON, recorded_at)`` rows, in
-    any order.
+    A late fill, a bust or a correction changes the stream from its own fill on (in
+    event order); whatever sorts before that fill, and the history and daily P&L of the
+    days before its trading day, stay as they are. So the whole stream is folded (the
+    state needs it) but only the effects from that day on are returned to be written.
+
+    Args:
+        state: a flat state for the stream; it ends holding every standing fill.
+        events: the stream's ``(position, type, payload JSON, recorded_at)`` fill, bust
+            and correction rows up to the page's end, in any order.
+        first_new: the log position of the stream's first row in the page being folded:
+            rows from there on are new (nothing of them is written yet).
+        utc_days: no session boundary is configured (a UTC fill's day is its date).
+        day_of: a fill's trading day.
+
+    Returns:
+        ``(effects, from_day, realized before)``: the effects of the standing fills of
+        ``from_day`` and later, in event order; the earliest trading day whose history
+        and daily P&L must be rewritten (None when the new rows change no fill: a bust
+        of an unknown execution); and the realized (FIFO, WAC) P&L of the fills before
+        it.
     """
+    fills, keys, touched = _standing(events, first_new)
+    earliest: tuple[datetime, int] | None = None
+    for exec_id in touched:
+        key = keys.get(exec_id)
+        if key is not None and (earliest is None or key < earliest):
+            earliest = key
+    from_day: date | None = None
+    if earliest is not None:
+        from_day = _day(earliest[0], utc_days, day_of)
     effects: list[Effect] = []
-    for f in effective_fills(events):
+    emitting = False
+    before_day = (state.realized_fifo, state.realized_wac)
+    for f in fills:
+        if (
+            not emitting
+            and from_day is not None
+            and _day(f.occurred_at, utc_days, day_of) >= from_day
+        ):
+            emitting = True
+            before_day = (state.realized_fifo, state.realized_wac)
         before, after, realized_fifo, realized_wac, _ = _fold_fill(
             state, f.exec_id, f.side is Side.BUY, f.qty, f.price, f.fee, f.occurred_at, f.position
         )
-        effects.append(
-            (
-                f.exec_id,
-                f.position,
-                f.occurred_at,
-                f.occurred_at.isoformat(),
-                _SIDE_TEXT[f.side],
-                f.fee,
-                before,
-                after,
-                realized_fifo,
-                realized_wac,
-                str(f.qty),
-                str(f.price),
-                str(f.fee),
+        if emitting:
+            effects.append(
+                (
+                    f.exec_id,
+                    f.position,
+                    f.occurred_at,
+                    f.occurred_at.isoformat(),
+                    _SIDE_TEXT[f.side],
+                    f.fee,
+                    before,
+                    after,
+                    realized_fifo,
+                    realized_wac,
+                    str(f.qty),
+                    str(f.price),
+                    str(f.fee),
+                )
             )
-        )
-    return effects
+    if not emitting:
+        before_day = (state.realized_fifo, state.realized_wac)
+    return effects, from_day, before_day
+
+
+def _day(at: datetime, utc_days: bool, day_of: Callable[[datetime], date]) -> date:
+    if utc_days and at.tzinfo is UTC:
+        return at.date()
+    return day_of(at)
 
 
 def _fill_key(f: FillInput) -> tuple[datetime, int]:
@@ -350,12 +414,24 @@ def effective_fills(events: list[tuple[int, str, str, datetime]]) -> list[FillIn
     (a bust removes, the latest correction by (occurred_at, position) replaces, the
     earliest record of an execution stands), without building pydantic events.
     """
+    return _standing(events, -1)[0]
+
+
+def _standing(
+    events: list[tuple[int, str, str, datetime]], first_new: int
+) -> tuple[list[FillInput], dict[str, tuple[datetime, int]], set[str]]:
+    """Return the standing fills in event order; the ``(occurred_at, position)`` key of
+    every recorded execution, busted or not; and the execution ids that rows at or after
+    log position ``first_new`` fill, bust or correct."""
     recorded: dict[str, tuple[int, dict[str, Any]]] = {}
     busted: set[str] = set()
     corrected: dict[str, tuple[tuple[datetime, int], dict[str, Any]]] = {}
+    touched: set[str] = set()
     for position, kind, payload, _recorded_at in events:
         p: dict[str, Any] = orjson.loads(payload)
         exec_id: str = p["exec_id"]
+        if first_new >= 0 and position >= first_new:
+            touched.add(exec_id)
         if kind == "fill":
             earlier = recorded.get(exec_id)
             if earlier is None or position < earlier[0]:
@@ -368,7 +444,10 @@ def effective_fills(events: list[tuple[int, str, str, datetime]]) -> list[FillIn
             if latest is None or key > latest[0]:
                 corrected[exec_id] = (key, p)
     fills = []
+    keys: dict[str, tuple[datetime, int]] = {}
     for exec_id, (position, p) in recorded.items():
+        occurred_at = datetime.fromisoformat(p["occurred_at"])
+        keys[exec_id] = (occurred_at, position)
         if exec_id in busted:
             continue
         correction = corrected.get(exec_id)
@@ -380,10 +459,10 @@ def effective_fills(events: list[tuple[int, str, str, datetime]]) -> list[FillIn
                 qty=Decimal(source["qty"]),
                 price=Decimal(source["price"]),
                 fee=Decimal(source.get("fee", "0")),
-                occurred_at=datetime.fromisoformat(p["occurred_at"]),
+                occurred_at=occurred_at,
                 position=position,
                 order_id=p.get("order_id"),
             )
         )
     fills.sort(key=_fill_key)
-    return fills
+    return fills, keys, touched

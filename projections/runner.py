@@ -52,7 +52,7 @@ from ledger.store import (
 from ledger.values import point_value
 from projections import store as sql
 from projections.history import HistoryRow, compact
-from projections.pagefold import FoldScope, Page, collect, fold_rows, replay_effects
+from projections.pagefold import FoldScope, Page, collect, fold_rows, restate_stream
 from projections.pnl import trading_day
 from projections.positions import (
     FoldError,
@@ -64,8 +64,6 @@ __all__ = ["Instrument", "ProjectionRunner", "RebuildResult", "parse_session", "
 
 log = logging.getLogger(__name__)
 _STREAM_TYPES = frozenset({"fill", "bust", "correction"})
-_ZERO = Decimal(0)
-_ONE = Decimal(1)
 _DEFAULT_BATCH = 5000
 _REBUILD_FLUSH_EVENTS = 200_000
 _JOURNAL_ROWS = 250_000
@@ -851,13 +849,14 @@ class ProjectionRunner:
         if self._journal is not None:
             self._journal_size += journaled
         if page.restate:
-            await self._restate(conn, page)
+            await self._restate(conn, page, rows)
         self._journal_trim()
         collect(page, generation, self._cache, flush.daily, flush.dirty, self._utc_days, self._day)
         return page
 
-    async def _restate(self, conn: asyncpg.Connection, page: Page) -> None:
-        """Replay every stream of ``page.restate`` from the log, up to the page's end."""
+    async def _restate(self, conn: asyncpg.Connection, page: Page, rows: list[LightRow]) -> None:
+        """Replay every stream of ``page.restate`` from the log, up to the page's end,
+        rewriting its history and daily P&L from the first day that changed."""
         streams = sorted(page.restate)
         end = page.end
         by_stream: dict[str, list[tuple[int, str, str, datetime]]] = {s: [] for s in streams}
@@ -879,20 +878,27 @@ class ProjectionRunner:
                 sql.STREAMS_FILLS_UPTO, unknown, str(end.tx_id), end.position
             ):
                 by_stream[stream].append((position, kind, payload, recorded_at))
-        page.forget = streams
+        first_new: dict[str, int] = {}
+        for row in rows:  # in log order: the first row of each stream in this page
+            if row.stream in page.restate and row.stream not in first_new:
+                first_new[row.stream] = row.global_position
         for stream in streams:
             events = by_stream[stream]
             account, contract = stream.split("/", 1)
             instrument = self._instrument(contract)
             state = new_state(account, contract, instrument.point_value, instrument.tick_size)
-            effects = replay_effects(state, events)
+            effects, from_day, before_day = restate_stream(
+                state, events, first_new[stream], self._utc_days, self._day
+            )
+            if from_day is not None:
+                page.forget[stream] = from_day
             self._cache[stream] = state
             self._cache.move_to_end(stream)
             latest = max((e[3] for e in events), default=None)
             if latest is not None:
                 self._known[stream] = latest
             page.effects[stream] = effects
-            page.cum_before[stream] = (_ZERO, _ZERO)
+            page.cum_before[stream] = before_day
             # The page's earlier snapshots of the stream are superseded by one snapshot
             # of the whole of what is known at this point. (Intermediate replay states
             # would miss fills known here but later in event order, so they could not
@@ -939,8 +945,10 @@ class ProjectionRunner:
     async def _write(self, conn: asyncpg.Connection, generation: int, page: Page) -> None:
         """Write one page's rows inside the open transaction (not its positions)."""
         if page.forget:
+            streams = list(page.forget)
+            days = list(page.forget.values())
             for statement in sql.FORGET_STREAM:
-                await conn.execute(statement, generation, page.forget)
+                await conn.execute(statement, generation, streams, days)
         if page.history:
             await conn.copy_to_table(
                 "proj_history",

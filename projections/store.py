@@ -133,9 +133,11 @@ ON CONFLICT (generation, stream, day) DO UPDATE SET
     fees = proj_pnl_daily.fees + excluded.fees,
     fills = proj_pnl_daily.fills + excluded.fills
 """
-FORGET_STREAM = (
-    "DELETE FROM proj_history WHERE generation = $1 AND stream = ANY($2::text[])",
-    "DELETE FROM proj_pnl_daily WHERE generation = $1 AND stream = ANY($2::text[])",
+# a restated stream's rows from its first changed day on ($2 streams, $3 their days)
+FORGET_STREAM = tuple(
+    f"""DELETE FROM {table} t USING unnest($2::text[], $3::date[]) AS f(stream, day)
+WHERE t.generation = $1 AND t.stream = f.stream AND t.day >= f.day"""
+    for table in ("proj_history", "proj_pnl_daily")
 )
 INSERT_SNAPSHOTS = """
 INSERT INTO proj_snapshots (generation, stream, known_position, key_position, key_occurred_at,

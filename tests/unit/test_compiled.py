@@ -138,7 +138,8 @@ def _rows(draw: st.DrawFn) -> list[LightRow]:
         if action == "fill" or not execs:
             exec_id = f"X{i}"
             late = draw(st.integers(min_value=0, max_value=9)) == 0
-            occurred = T0 + timedelta(seconds=(i - 30 if late else i), microseconds=i)
+            # three hours apart (restatements span days), some a day and more late
+            occurred = T0 + timedelta(hours=3 * (i - 10 if late else i), microseconds=i)
             execs.append((exec_id, stream, contract))
             add(
                 "fill",
@@ -171,7 +172,8 @@ def _rows(draw: st.DrawFn) -> list[LightRow]:
 
 
 def _fold(pf: ModuleType, pos: ModuleType, rows: list[LightRow]) -> dict[str, Any]:
-    """Fold ``rows`` as the runner does (two slices, restate, collect); return all."""
+    """Fold ``rows`` in three pages as the runner does (slices, restate, collect);
+    return everything that folding produced."""
     cache: OrderedDict[str, Any] = OrderedDict()
     instruments: dict[str, tuple[Decimal, Decimal]] = {}
 
@@ -186,17 +188,6 @@ def _fold(pf: ModuleType, pos: ModuleType, rows: list[LightRow]) -> dict[str, An
 
     journal: dict[str, list[LightRow]] = {}
     scope = pf.FoldScope(cache, {}, journal, set(), 3, new_state, add_instrument)
-    page = pf.Page(Checkpoint(rows[-1].tx_id, rows[-1].global_position))
-    middle = len(rows) // 2
-    journaled = pf.fold_rows(scope, page, rows, 0, middle)
-    journaled += pf.fold_rows(scope, page, rows, middle, len(rows))
-    for stream in sorted(page.restate):
-        account, contract = stream.split("/")
-        state = new_state(stream, account, contract)
-        events = [(r.global_position, r.type, r.payload, r.recorded_at) for r in journal[stream]]
-        page.effects[stream] = pf.replay_effects(state, events)
-        page.cum_before[stream] = (Decimal(0), Decimal(0))
-    page.forget = sorted(page.restate)
     daily: dict[str, dict[date, list[Any]]] = {}
     dirty: set[str] = set()
     collect_days: list[datetime] = []
@@ -205,13 +196,46 @@ def _fold(pf: ModuleType, pos: ModuleType, rows: list[LightRow]) -> dict[str, An
         collect_days.append(at)
         return trading_day(at, None, None)
 
-    pf.collect(page, 7, cache, daily, dirty, True, day_of)
+    journaled = 0
+    pages = []
+    # three pages, as the runner folds them: a restatement in a later page rewrites
+    # only from the first day it changes
+    for lo, hi in (
+        (0, len(rows) // 3),
+        (len(rows) // 3, len(rows) // 2),
+        (len(rows) // 2, len(rows)),
+    ):
+        if lo == hi:
+            continue
+        page = pf.Page(Checkpoint(rows[hi - 1].tx_id, rows[hi - 1].global_position))
+        middle = (lo + hi) // 2
+        journaled += pf.fold_rows(scope, page, rows, lo, middle)
+        journaled += pf.fold_rows(scope, page, rows, middle, hi)
+        first_new: dict[str, int] = {}
+        for row in rows[lo:hi]:
+            first_new.setdefault(row.stream, row.global_position)
+        for stream in sorted(page.restate):
+            account, contract = stream.split("/")
+            state = new_state(stream, account, contract)
+            events = [
+                (r.global_position, r.type, r.payload, r.recorded_at) for r in journal[stream]
+            ]
+            effects, from_day, before = pf.restate_stream(
+                state, events, first_new[stream], True, day_of
+            )
+            page.effects[stream] = effects
+            page.cum_before[stream] = before
+            if from_day is not None:
+                page.forget[stream] = from_day
+        pf.collect(page, 7, cache, daily, dirty, True, day_of)
+        pages.append(page)
     return {
         "journaled": journaled,
-        "effects": page.effects,
-        "restate": page.restate,
-        "snapshots": page.snapshots,
-        "history": page.history,
+        "effects": [p.effects for p in pages],
+        "restate": [p.restate for p in pages],
+        "forget": [p.forget for p in pages],
+        "snapshots": [p.snapshots for p in pages],
+        "history": [line for p in pages for line in p.history],
         "daily": daily,
         "dirty": dirty,
         "states": {s: orjson.dumps(state.to_json()) for s, state in cache.items()},
