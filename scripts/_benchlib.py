@@ -157,8 +157,16 @@ class FillFactory:
     successive calls sort after earlier ones in every stream (``occurred_at`` rises).
     """
 
-    def __init__(self, accounts: int = 200, contracts: int = 25, seed: int = 20261123) -> None:
+    def __init__(
+        self,
+        accounts: int = 200,
+        contracts: int = 25,
+        seed: int = 20261123,
+        *,
+        max_step_us: int = 20_000,
+    ) -> None:
         self.rng = random.Random(seed)
+        self.max_step_us = max_step_us  # between successive fills: 1..this microseconds
         self.accounts = [f"ACC{a:04d}" for a in range(accounts)]
         self.contracts = [
             (c, Decimal(tick), int(Decimal(price) / Decimal(tick)))
@@ -178,7 +186,7 @@ class FillFactory:
             account = pool[rng.randrange(len(pool))]
             contract, tick, _ = self.contracts[rng.randrange(len(self.contracts))]
             ticks[contract] = max(1, ticks[contract] + rng.randint(-4, 4))
-            self.clock += timedelta(microseconds=rng.randint(1, 20_000))
+            self.clock += timedelta(microseconds=rng.randint(1, self.max_step_us))
             qty = rng.choice((1, 1, 1, 2, 2, 3, 5, 10))
             out.append(
                 {
