@@ -28,16 +28,19 @@ __all__ = [
     "Effect",
     "FoldScope",
     "Page",
+    "StreamRow",
     "collect",
     "copy_text",
     "effective_fills",
     "fold_rows",
     "restate_stream",
+    "stream_row",
 ]
 
 _SIDES = {"BUY": Side.BUY, "SELL": Side.SELL}
 _SIDE_TEXT = {Side.BUY: "BUY", Side.SELL: "SELL"}  # faster than the enum's .value
 _STREAM_TYPES = frozenset({"fill", "bust", "correction"})
+_ZERO = Decimal(0)
 
 Effect = tuple[
     str, int, datetime, str, str, Decimal, Decimal, Decimal, Decimal, Decimal, str, str, str
@@ -46,6 +49,36 @@ Effect = tuple[
 text, side text, fee, qty_before, qty_after, realized_fifo, realized_wac, str(qty),
 str(price), str(fee)); the fields of a ``FillEffect`` without its per-fill object, and
 the text the history line needs (the payload's own timestamp text, not a reformat)."""
+
+StreamRow = tuple[int, str, str, datetime, str, Decimal, Decimal, Decimal, datetime]
+"""A fill, bust or correction row of a stream, parsed once: (log position, type,
+exec_id, occurred_at, side text ("" unless a fill), qty, price, fee (zeros on a bust),
+recorded_at). What the runner's journal keeps and restatements replay, with no JSON
+left to parse; decimals are shared through the page cache."""
+
+
+def stream_row(position: int, kind: str, payload: str, recorded_at: datetime) -> StreamRow:
+    """Parse a stream's fill, bust or correction row from its payload JSON."""
+    return _stream_row(position, kind, orjson.loads(payload), recorded_at)
+
+
+def _stream_row(position: int, kind: str, p: dict[str, Any], recorded_at: datetime) -> StreamRow:
+    occurred_at = datetime.fromisoformat(p["occurred_at"])
+    if kind == "bust":
+        return (position, kind, p["exec_id"], occurred_at, "", _ZERO, _ZERO, _ZERO, recorded_at)
+    side: str = p.get("side", "")
+    return (
+        position,
+        kind,
+        p["exec_id"],
+        occurred_at,
+        side,
+        _decimal(p["qty"])[0],
+        _decimal(p["price"])[0],
+        _decimal(p.get("fee", "0"))[0],
+        recorded_at,
+    )
+
 
 # Payload decimal text -> (its Decimal, str() of it): quantities, prices and fees repeat,
 # so a page parses and prints each distinct one once. Bounded; Decimals are immutable.
@@ -97,7 +130,7 @@ class FoldScope:
 
     cache: OrderedDict[str, PositionState]
     known: dict[str, datetime]
-    journal: dict[str, list[LightRow]] | None
+    journal: dict[str, list[StreamRow]] | None
     lost: set[str]
     snapshot_every: int
     new_state: Callable[[str, str, str], PositionState]
@@ -127,41 +160,54 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
     for i in range(lo, hi):
         row = rows[i]
         kind = row.type
-        if kind == "fill" or kind == "bust" or kind == "correction":
+        if kind == "bust" or kind == "correction":
             stream = row.stream
-            if journal is not None:
-                mine = journal.get(stream)
-                if mine is not None:
-                    mine.append(row)
-                    journaled += 1
-                elif stream not in lost:
-                    journal[stream] = [row]
-                    journaled += 1
+            position = row.global_position
             recorded_at = row.recorded_at
+            if journal is not None:
+                journaled += _journal(
+                    journal,
+                    lost,
+                    stream,
+                    _stream_row(position, kind, orjson.loads(row.payload), recorded_at),
+                )
             seen = known.get(stream)
             if seen is None or recorded_at > seen:
                 known[stream] = recorded_at
+            restate[stream] = position  # a bust or correction restates its stream
+        elif kind == "fill":
+            stream = row.stream
             position = row.global_position
-            if kind != "fill" or stream in restate:
-                # a bust or correction restates its stream, and so does every later
-                # event of a stream already restating in this page
-                restate[stream] = position
-                continue
+            recorded_at = row.recorded_at
             p = orjson.loads(row.payload)
-            state = cache.get(stream)
-            if state is None:
-                state = scope.new_state(stream, p["account"], p["contract"])
             occurred_s: str = p["occurred_at"]
             occurred_at = datetime.fromisoformat(occurred_s)
-            last_key = state.last_key
-            if last_key is not None and (occurred_at, position) <= last_key:
-                restate[stream] = position  # a late fill: replay the stream
-                continue
             exec_id: str = p["exec_id"]
             side_s: str = p["side"]
             qty, qty_s = _decimal(p["qty"])
             price, price_s = _decimal(p["price"])
             fee, fee_s = _decimal(p["fee"])
+            if journal is not None:
+                journaled += _journal(
+                    journal,
+                    lost,
+                    stream,
+                    (position, kind, exec_id, occurred_at, side_s, qty, price, fee, recorded_at),
+                )
+            seen = known.get(stream)
+            if seen is None or recorded_at > seen:
+                known[stream] = recorded_at
+            if stream in restate:
+                # every later event of a stream already restating in this page restates
+                restate[stream] = position
+                continue
+            state = cache.get(stream)
+            if state is None:
+                state = scope.new_state(stream, p["account"], p["contract"])
+            last_key = state.last_key
+            if last_key is not None and (occurred_at, position) <= last_key:
+                restate[stream] = position  # a late fill: replay the stream
+                continue
             effects = effects_of.get(stream)
             if effects is None:
                 effects = []
@@ -203,6 +249,20 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
             scope.add_instrument(orjson.loads(row.payload))
         # marks, broker reports, reconciliation runs and seals change no position
     return journaled
+
+
+def _journal(
+    journal: dict[str, list[StreamRow]], lost: set[str], stream: str, row: StreamRow
+) -> int:
+    """Keep ``row`` in ``stream``'s journal unless the stream is lost; return 1 if kept."""
+    mine = journal.get(stream)
+    if mine is not None:
+        mine.append(row)
+        return 1
+    if stream not in lost:
+        journal[stream] = [row]
+        return 1
+    return 0
 
 
 def collect(
@@ -323,7 +383,7 @@ def copy_text(value: str) -> str:
 
 def restate_stream(
     state: PositionState,
-    events: list[tuple[int, str, str, datetime]],
+    events: list[StreamRow],
     first_new: int,
     utc_days: bool,
     day_of: Callable[[datetime], date],
@@ -338,8 +398,8 @@ def restate_stream(
 
     Args:
         state: a flat state for the stream; it ends holding every standing fill.
-        events: the stream's ``(position, type, payload JSON, recorded_at)`` fill, bust
-            and correction rows up to the page's end, in any order.
+        events: the stream's fill, bust and correction rows up to the page's end, in
+            any order.
         first_new: the log position of the stream's first row in the page being folded:
             rows from there on are new (nothing of them is written yet).
         utc_days: no session boundary is configured (a UTC fill's day is its date).
@@ -408,60 +468,58 @@ def _fill_key(f: FillInput) -> tuple[datetime, int]:
     return (f.occurred_at, f.position)
 
 
-def effective_fills(events: list[tuple[int, str, str, datetime]]) -> list[FillInput]:
-    """Return a stream's standing fills in event order, from ``(position, type, payload
-    JSON, recorded_at)`` rows: the rules of ``projections.positions.effective_fills``
-    (a bust removes, the latest correction by (occurred_at, position) replaces, the
-    earliest record of an execution stands), without building pydantic events.
+def effective_fills(events: list[StreamRow]) -> list[FillInput]:
+    """Return a stream's standing fills in event order: the rules of
+    ``projections.positions.effective_fills`` (a bust removes, the latest correction by
+    (occurred_at, position) replaces, the earliest record of an execution stands), on
+    parsed rows rather than pydantic events.
     """
     return _standing(events, -1)[0]
 
 
 def _standing(
-    events: list[tuple[int, str, str, datetime]], first_new: int
+    events: list[StreamRow], first_new: int
 ) -> tuple[list[FillInput], dict[str, tuple[datetime, int]], set[str]]:
     """Return the standing fills in event order; the ``(occurred_at, position)`` key of
     every recorded execution, busted or not; and the execution ids that rows at or after
     log position ``first_new`` fill, bust or correct."""
-    recorded: dict[str, tuple[int, dict[str, Any]]] = {}
+    recorded: dict[str, StreamRow] = {}
     busted: set[str] = set()
-    corrected: dict[str, tuple[tuple[datetime, int], dict[str, Any]]] = {}
+    corrected: dict[str, StreamRow] = {}
     touched: set[str] = set()
-    for position, kind, payload, _recorded_at in events:
-        p: dict[str, Any] = orjson.loads(payload)
-        exec_id: str = p["exec_id"]
+    for row in events:
+        position = row[0]
+        kind = row[1]
+        exec_id = row[2]
         if first_new >= 0 and position >= first_new:
             touched.add(exec_id)
         if kind == "fill":
             earlier = recorded.get(exec_id)
             if earlier is None or position < earlier[0]:
-                recorded[exec_id] = (position, p)
+                recorded[exec_id] = row
         elif kind == "bust":
             busted.add(exec_id)
         else:
-            key = (datetime.fromisoformat(p["occurred_at"]), position)
             latest = corrected.get(exec_id)
-            if latest is None or key > latest[0]:
-                corrected[exec_id] = (key, p)
+            if latest is None or (row[3], position) > (latest[3], latest[0]):
+                corrected[exec_id] = row
     fills = []
     keys: dict[str, tuple[datetime, int]] = {}
-    for exec_id, (position, p) in recorded.items():
-        occurred_at = datetime.fromisoformat(p["occurred_at"])
-        keys[exec_id] = (occurred_at, position)
+    for exec_id, row in recorded.items():
+        keys[exec_id] = (row[3], row[0])
         if exec_id in busted:
             continue
         correction = corrected.get(exec_id)
-        source = p if correction is None else correction[1]
+        source = row if correction is None else correction
         fills.append(
             FillInput(
                 exec_id=exec_id,
-                side=_SIDES[p["side"]],
-                qty=Decimal(source["qty"]),
-                price=Decimal(source["price"]),
-                fee=Decimal(source.get("fee", "0")),
-                occurred_at=occurred_at,
-                position=position,
-                order_id=p.get("order_id"),
+                side=_SIDES[row[4]],
+                qty=source[5],
+                price=source[6],
+                fee=source[7],
+                occurred_at=row[3],
+                position=row[0],
             )
         )
     fills.sort(key=_fill_key)

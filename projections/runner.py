@@ -52,7 +52,15 @@ from ledger.store import (
 from ledger.values import point_value
 from projections import store as sql
 from projections.history import HistoryRow, compact
-from projections.pagefold import FoldScope, Page, collect, fold_rows, restate_stream
+from projections.pagefold import (
+    FoldScope,
+    Page,
+    StreamRow,
+    collect,
+    fold_rows,
+    restate_stream,
+    stream_row,
+)
 from projections.pnl import trading_day
 from projections.positions import (
     FoldError,
@@ -231,7 +239,7 @@ class ProjectionRunner:
         # None: off. Streams evicted from the cache or over the row budget are "lost"
         # and restate from the log as before. Bounded by journal_rows rows in all.
         self.journal_rows = _JOURNAL_ROWS
-        self._journal: dict[str, list[LightRow]] | None = None
+        self._journal: dict[str, list[StreamRow]] | None = None
         self._journal_lost: set[str] = set()
         self._log_has_statistics = False  # see ledger.store.ensure_log_statistics
         self._journal_size = 0
@@ -859,7 +867,7 @@ class ProjectionRunner:
         rewriting its history and daily P&L from the first day that changed."""
         streams = sorted(page.restate)
         end = page.end
-        by_stream: dict[str, list[tuple[int, str, str, datetime]]] = {s: [] for s in streams}
+        by_stream: dict[str, list[StreamRow]] = {s: [] for s in streams}
         journal = self._journal
         lost = self._journal_lost
         if journal is None:
@@ -869,15 +877,12 @@ class ProjectionRunner:
             unknown = [s for s in streams if s in lost]
             for s in streams:
                 if s not in lost:
-                    by_stream[s] = [
-                        (r.global_position, r.type, r.payload, r.recorded_at)
-                        for r in journal.get(s, ())
-                    ]
+                    by_stream[s] = journal.get(s, [])
         if unknown:
             for stream, position, kind, payload, recorded_at in await conn.fetch(
                 sql.STREAMS_FILLS_UPTO, unknown, str(end.tx_id), end.position
             ):
-                by_stream[stream].append((position, kind, payload, recorded_at))
+                by_stream[stream].append(stream_row(position, kind, payload, recorded_at))
         first_new: dict[str, int] = {}
         for row in rows:  # in log order: the first row of each stream in this page
             if row.stream in page.restate and row.stream not in first_new:
@@ -894,7 +899,7 @@ class ProjectionRunner:
                 page.forget[stream] = from_day
             self._cache[stream] = state
             self._cache.move_to_end(stream)
-            latest = max((e[3] for e in events), default=None)
+            latest = max((e[8] for e in events), default=None)
             if latest is not None:
                 self._known[stream] = latest
             page.effects[stream] = effects

@@ -326,6 +326,21 @@ async def test_restatements_across_many_days_rewrite_only_from_the_changed_day(
         i += n
         await runner.catch_up()
     after = await assert_rebuild_equals_serving(engine)
+    # again with a restate journal too small to hold the streams: restatements of the
+    # streams it dropped read them back from the log
+    tiny = ProjectionRunner(engine, batch_size=31)
+    tiny.journal_rows = 40
+    dropped: list[str] = []
+    drop = tiny._journal_drop
+
+    def counting_drop(stream: str) -> None:
+        dropped.append(stream)
+        drop(stream)
+
+    tiny._journal_drop = counting_drop  # type: ignore[method-assign]
+    await tiny.rebuild()
+    assert dropped, "the journal never overflowed"
+    assert await snapshot_serving(engine) == after
 
     expected: dict[tuple[str, str], list[Decimal]] = {}
     by_stream: dict[str, list[tuple[int, Any]]] = defaultdict(list)

@@ -186,7 +186,7 @@ def _fold(pf: ModuleType, pos: ModuleType, rows: list[LightRow]) -> dict[str, An
     def add_instrument(p: dict[str, Any]) -> None:
         instruments[p["contract"]] = (Decimal(p["tick_size"]), Decimal(p["tick_value"]))
 
-    journal: dict[str, list[LightRow]] = {}
+    journal: dict[str, list[Any]] = {}
     scope = pf.FoldScope(cache, {}, journal, set(), 3, new_state, add_instrument)
     daily: dict[str, dict[date, list[Any]]] = {}
     dirty: set[str] = set()
@@ -217,9 +217,7 @@ def _fold(pf: ModuleType, pos: ModuleType, rows: list[LightRow]) -> dict[str, An
         for stream in sorted(page.restate):
             account, contract = stream.split("/")
             state = new_state(stream, account, contract)
-            events = [
-                (r.global_position, r.type, r.payload, r.recorded_at) for r in journal[stream]
-            ]
+            events = journal[stream]
             effects, from_day, before = pf.restate_stream(
                 state, events, first_new[stream], True, day_of
             )
