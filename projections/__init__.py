@@ -2,13 +2,15 @@
 
 ``positions`` and ``pagefold`` may be compiled to C by mypyc at install time
 (``setup.py``). A compiled build older than its source (the source was edited or
-checked out since ``bash scripts/setup`` last ran) is not used: both modules are then
-loaded from source, together, since the compiled ones call each other directly.
+checked out since ``bash scripts/setup`` last ran) is not used, nor any build when
+``LEDGER_PURE_PYTHON`` is set: both modules are then loaded from source, together,
+since the compiled ones call each other directly.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -59,5 +61,5 @@ def _load_sources() -> None:
         setattr(sys.modules[__name__], name, module)
 
 
-if any(_HERE.glob("*.so")) and not compiled_build():
+if any(_HERE.glob("*.so")) and (os.environ.get("LEDGER_PURE_PYTHON") or not compiled_build()):
     _load_sources()

@@ -96,6 +96,16 @@ def test_the_compiled_fold_imports_outside_the_source_tree(tmp_path: Path) -> No
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
+def test_ledger_pure_python_runs_the_source_even_with_a_build(tmp_path: Path) -> None:
+    check = "import projections, projections.runner; print(projections.running_compiled())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["LEDGER_PURE_PYTHON"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
 def test_a_stale_build_is_not_used(tmp_path: Path) -> None:
     for name in projections.COMPILED:
         (tmp_path / f"{name}.py").write_text("")
