@@ -31,7 +31,6 @@ __all__ = [
     "StreamRow",
     "collect",
     "copy_text",
-    "effective_fills",
     "fold_rows",
     "restate_stream",
     "stream_row",
@@ -39,7 +38,6 @@ __all__ = [
 
 _SIDES = {"BUY": Side.BUY, "SELL": Side.SELL}
 _SIDE_TEXT = {Side.BUY: "BUY", Side.SELL: "SELL"}  # faster than the enum's .value
-_STREAM_TYPES = frozenset({"fill", "bust", "correction"})
 _ZERO = Decimal(0)
 
 Effect = tuple[
@@ -283,7 +281,6 @@ def collect(
     """
     history = page.history
     zero = _FOLD_ZERO
-    utc = UTC
     day_text: dict[date, str] = {}
     for stream, from_day in page.forget.items():
         # the stream's daily rows from that day on are rewritten from scratch
@@ -325,10 +322,7 @@ def collect(
         ) in effects:
             cum_fifo += realized_fifo
             cum_wac += realized_wac
-            if utc_days and occurred_at.tzinfo is utc:
-                day = occurred_at.date()
-            else:
-                day = day_of(occurred_at)
+            day = _day(occurred_at, utc_days, day_of)
             day_s = day_text.get(day)
             if day_s is None:
                 day_s = day.isoformat()
@@ -468,21 +462,17 @@ def _fill_key(f: FillInput) -> tuple[datetime, int]:
     return (f.occurred_at, f.position)
 
 
-def effective_fills(events: list[StreamRow]) -> list[FillInput]:
-    """Return a stream's standing fills in event order: the rules of
-    ``projections.positions.effective_fills`` (a bust removes, the latest correction by
-    (occurred_at, position) replaces, the earliest record of an execution stands), on
-    parsed rows rather than pydantic events.
-    """
-    return _standing(events, -1)[0]
-
-
 def _standing(
     events: list[StreamRow], first_new: int
 ) -> tuple[list[FillInput], dict[str, tuple[datetime, int]], set[str]]:
-    """Return the standing fills in event order; the ``(occurred_at, position)`` key of
-    every recorded execution, busted or not; and the execution ids that rows at or after
-    log position ``first_new`` fill, bust or correct."""
+    """Return a stream's standing fills in event order; the ``(occurred_at, position)``
+    key of every recorded execution, busted or not; and the execution ids that rows at
+    or after log position ``first_new`` fill, bust or correct.
+
+    The rules are those of ``projections.positions.effective_fills`` (a bust removes,
+    the latest correction by (occurred_at, position) replaces, the earliest record of an
+    execution stands), on parsed rows rather than pydantic events.
+    """
     recorded: dict[str, StreamRow] = {}
     busted: set[str] = set()
     corrected: dict[str, StreamRow] = {}
@@ -491,7 +481,7 @@ def _standing(
         position = row[0]
         kind = row[1]
         exec_id = row[2]
-        if first_new >= 0 and position >= first_new:
+        if position >= first_new:
             touched.add(exec_id)
         if kind == "fill":
             earlier = recorded.get(exec_id)
