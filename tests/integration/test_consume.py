@@ -258,11 +258,14 @@ def test_postgres_restart_mid_stream(
 ) -> None:
     n = 2000
     log = tmp_path / "consume.log"
-    publish_fills(nats_url, n)
+    # A quarter before the outage and the rest during it, so that the outage lands mid-
+    # stream however fast the consumer is (it can write all 2,000 in under a second).
+    publish_fills(nats_url, n // 4)
     proc = start_consumer(cli_env, nats_url, log, "--batch", "20", "--idle-exit", "3", project=True)
     try:
         wait_until(lambda: fill_count(db_url) >= n // 4, 60, "a quarter of the fills")
         pg_server.stop()
+        publish_fills(nats_url, n - n // 4, start=n // 4, instrument=False)
         time.sleep(2.5)  # the consumer keeps failing meanwhile: backoff, no ack
         assert proc.poll() is None, log.read_text()[-4000:]
     finally:
