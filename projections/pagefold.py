@@ -25,9 +25,16 @@ from projections.positions import _ZERO as _FOLD_ZERO  # what the fold realizes 
 from projections.positions import FillInput, PositionState, _fold_fill
 
 __all__ = [
+    "MARK_EVERY",
+    "MARK_KEEP",
     "Effect",
     "FoldScope",
+    "Forget",
+    "Mark",
+    "Marks",
     "Page",
+    "Restated",
+    "Seed",
     "StreamRow",
     "collect",
     "copy_text",
@@ -39,6 +46,7 @@ __all__ = [
 _SIDES = {"BUY": Side.BUY, "SELL": Side.SELL}
 _SIDE_TEXT = {Side.BUY: "BUY", Side.SELL: "SELL"}  # faster than the enum's .value
 _ZERO = Decimal(0)
+_NO_DAY = date.min
 
 Effect = tuple[
     str, int, datetime, str, str, Decimal, Decimal, Decimal, Decimal, Decimal, str, str, str
@@ -53,6 +61,117 @@ StreamRow = tuple[int, str, str, datetime, str, Decimal, Decimal, Decimal, datet
 exec_id, occurred_at, side text ("" unless a fill), qty, price, fee (zeros on a bust),
 recorded_at). What the runner's journal keeps and restatements replay, with no JSON
 left to parse; decimals are shared through the page cache."""
+
+
+Forget = tuple[date, datetime | None, int]
+"""What a restatement rewrites of a stream: ``(day, at, position)``: its daily P&L from
+``day`` on, and its history from ``day`` on, or (``at`` not None) only the rows of that
+day and later whose fill sorts at or after ``(at, position)``."""
+
+Seed = tuple[date, Decimal, Decimal, Decimal, int]
+"""A restated stream's daily P&L bucket for the day it restates from, before its first
+rewritten fill: (day, realized fifo, realized wac, fees, fills)."""
+
+_FillKey = tuple[datetime, int]  # (occurred_at, log position): a fill's place in event order
+_Totals = tuple[Decimal, Decimal, Decimal, int]  # a day's realized fifo, wac, fees, fills
+
+MARK_EVERY = 16
+"""Take a restart mark of a journaled stream every this many fills."""
+MARK_KEEP = 3
+"""Marks kept per stream, the latest: a bust, a correction or a late fill among a
+stream's last ``MARK_EVERY * (MARK_KEEP - 1)`` fills or so replays from a mark before
+it, from the journal, rather than from the stream's first fill, read back from the log;
+and it rewrites only from that mark on. The journal keeps only the rows a replay from
+the oldest mark needs (``trim_journal``)."""
+
+
+@dataclass(slots=True)
+class Mark:
+    """A stream's state right after one of its fills, to restate from."""
+
+    key: _FillKey  # the fill's place in event order
+    day: date  # its trading day
+    state: PositionState  # a private copy, never folded into
+    day_totals: _Totals  # the P&L of ``day`` up to and with the fill (the seed's)
+
+
+@dataclass(slots=True)
+class Marks:
+    """A journaled stream's marks, oldest first, and the day totals they need.
+
+    Valid while nothing at or before a mark's key changes: a restatement that changes
+    the stream from key K keeps only the marks before K and takes new ones as it
+    replays (``restate_stream``).
+    """
+
+    every: int = MARK_EVERY  # fills between marks
+    keep: int = MARK_KEEP  # marks kept, the latest
+    day: date | None = None  # the trading day of the last fill folded
+    # that day's P&L so far, summed fill by fill as the daily rows are (the same digits)
+    day_totals: _Totals = (_ZERO, _ZERO, _ZERO, 0)
+    since: int = 0  # fills folded since the last mark
+    points: list[Mark] = field(default_factory=list)
+    # the stream's journal lacks rows from before the oldest mark: a replay from its
+    # first fill must read the stream back from the log
+    trimmed: bool = False
+
+
+def _marked(
+    marks: Marks,
+    state: PositionState,
+    day: date,
+    realized_fifo: Decimal,
+    realized_wac: Decimal,
+    fee: Decimal,
+) -> bool:
+    """Count a fill just folded into ``state`` (in event order) into its day's P&L;
+    every ``marks.every``th fill leaves a mark. Return whether it did."""
+    if day != marks.day:
+        marks.day = day
+        fifo, wac, fees, fills = _ZERO, _ZERO, _ZERO, 0
+    else:
+        fifo, wac, fees, fills = marks.day_totals
+    totals = (fifo + realized_fifo, wac + realized_wac, fees + fee, fills + 1)
+    marks.day_totals = totals
+    marks.since += 1
+    if marks.since >= marks.every and state.last_key is not None:
+        marks.since = 0
+        points = marks.points
+        points.append(Mark(state.last_key, day, state.copy(), totals))
+        if len(points) > marks.keep:
+            del points[0]
+        return True
+    return False
+
+
+def trim_journal(rows: list[StreamRow], marks: Marks) -> int:
+    """Drop from a stream's journal the rows a replay from its oldest mark cannot need;
+    return how many.
+
+    Such a replay folds the fills after the mark in event order; it needs their rows
+    and their busts and corrections, which the log holds after them. So every row from
+    the earliest log position of a fill after the mark on is kept; before it, nothing.
+    """
+    if not marks.points:
+        return 0
+    oldest = marks.points[0].key
+    keep_from = -1
+    for row in rows:
+        if row[1] == "fill" and (row[3], row[0]) > oldest and (keep_from < 0 or row[0] < keep_from):
+            keep_from = row[0]
+    before = len(rows)
+    if keep_from < 0:
+        rows.clear()  # every fill is at or before the mark: later rows come later
+    else:
+        rows[:] = [row for row in rows if row[0] >= keep_from]
+    removed = before - len(rows)
+    if removed:
+        marks.trimmed = True
+    return removed
+
+
+def _utc_day(at: datetime) -> date:
+    return at.astimezone(UTC).date()
 
 
 def stream_row(position: int, kind: str, payload: str, recorded_at: datetime) -> StreamRow:
@@ -105,8 +224,10 @@ class Page:
     cum_before: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
     restate: dict[str, int] = field(default_factory=dict)  # stream -> last position read
     snapshots: list[tuple[str, int, int, datetime, datetime, str]] = field(default_factory=list)
-    # stream -> the first trading day whose history and daily P&L are rewritten
-    forget: dict[str, date] = field(default_factory=dict)
+    # stream -> what of its history and daily P&L is rewritten
+    forget: dict[str, Forget] = field(default_factory=dict)
+    # stream -> its rewritten first day's P&L before its first rewritten fill
+    seed: dict[str, Seed] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)  # COPY text lines
 
 
@@ -124,6 +245,10 @@ class FoldScope:
         new_state: ``(stream, account, contract)`` -> a flat state for a stream first
             seen (raises ``FoldError`` for a contract with no instrument).
         add_instrument: takes the payload of an ``instrument`` event.
+        marks: stream -> its restart marks, for the journaled streams (None: no marks).
+        utc_days: no session boundary is configured (a UTC fill's day is its date).
+        day_of: a fill's trading day.
+        mark_every: fills between the marks of a stream this fold starts marking.
     """
 
     cache: OrderedDict[str, PositionState]
@@ -133,6 +258,10 @@ class FoldScope:
     snapshot_every: int
     new_state: Callable[[str, str, str], PositionState]
     add_instrument: Callable[[dict[str, Any]], None]
+    marks: dict[str, Marks] | None = None
+    utc_days: bool = True
+    day_of: Callable[[datetime], date] = _utc_day
+    mark_every: int = MARK_EVERY
 
 
 def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: int) -> int:
@@ -143,7 +272,7 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
     page only mark the stream in ``page.restate`` (the runner replays it afterwards).
 
     Returns:
-        How many rows were added to the journal.
+        How many rows the journal grew by (rows added less rows trimmed).
     """
     cache = scope.cache
     known = scope.known
@@ -154,6 +283,9 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
     cum_before = page.cum_before
     restate = page.restate
     snapshots = page.snapshots
+    marks_of = scope.marks
+    utc_days = scope.utc_days
+    day_of = scope.day_of
     journaled = 0
     for i in range(lo, hi):
         row = rows[i]
@@ -185,13 +317,15 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
             qty, qty_s = _decimal(p["qty"])
             price, price_s = _decimal(p["price"])
             fee, fee_s = _decimal(p["fee"])
+            kept = 0
             if journal is not None:
-                journaled += _journal(
+                kept = _journal(
                     journal,
                     lost,
                     stream,
                     (position, kind, exec_id, occurred_at, side_s, qty, price, fee, recorded_at),
                 )
+                journaled += kept
             seen = known.get(stream)
             if seen is None or recorded_at > seen:
                 known[stream] = recorded_at
@@ -211,9 +345,31 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
                 effects = []
                 effects_of[stream] = effects
                 cum_before[stream] = (state.realized_fifo, state.realized_wac)
+            marks: Marks | None = None
+            if marks_of is not None:
+                marks = marks_of.get(stream)
+                if marks is None and kept and last_key is None:
+                    # a new stream the journal holds from its first fill: mark it
+                    marks = Marks(every=scope.mark_every)
+                    marks_of[stream] = marks
             before, after, realized_fifo, realized_wac, _ = _fold_fill(
                 state, exec_id, side_s == "BUY", qty, price, fee, occurred_at, position
             )
+            if (
+                marks is not None
+                and _marked(
+                    marks,
+                    state,
+                    _day(occurred_at, utc_days, day_of),
+                    realized_fifo,
+                    realized_wac,
+                    fee,
+                )
+                and journal is not None
+            ):
+                mine = journal.get(stream)
+                if mine is not None:
+                    journaled -= trim_journal(mine, marks)
             effects.append(
                 (
                     exec_id,
@@ -282,12 +438,20 @@ def collect(
     history = page.history
     zero = _FOLD_ZERO
     day_text: dict[date, str] = {}
-    for stream, from_day in page.forget.items():
-        # the stream's daily rows from that day on are rewritten from scratch
+    for stream, (from_day, _, _) in page.forget.items():
+        # the stream's daily rows from that day on are rewritten: the first of them from
+        # its seed (what the day's fills before the rewrite made), if it has one
         daily = daily_all.get(stream)
         if daily:
             for day in [d for d in daily if d >= from_day]:
                 del daily[day]
+    for stream, (day, seed_fifo, seed_wac, seed_fees, seed_fills) in page.seed.items():
+        state = cache[stream]
+        daily = daily_all.get(stream)
+        if daily is None:
+            daily = {}
+            daily_all[stream] = daily
+        daily[day] = [state.account, state.contract, seed_fifo, seed_wac, seed_fees, seed_fills]
     for stream, effects in page.effects.items():
         dirty.add(stream)
         if not effects:
@@ -375,60 +539,132 @@ def copy_text(value: str) -> str:
     return value
 
 
+@dataclass(slots=True)
+class Restated:
+    """A replayed stream: its state, and what of it is rewritten (``restate_stream``)."""
+
+    state: PositionState
+    effects: list[Effect]  # of the rewritten fills, in event order
+    forget: Forget | None  # None: the new rows change no fill
+    cum_before: tuple[Decimal, Decimal]  # realized (fifo, wac) before the first effect
+    seed: Seed | None  # the first rewritten day's P&L before its first effect
+
+
 def restate_stream(
     state: PositionState,
     events: list[StreamRow],
     first_new: int,
     utc_days: bool,
     day_of: Callable[[datetime], date],
-) -> tuple[list[Effect], date | None, tuple[Decimal, Decimal]]:
-    """Replay a stream's standing fills into ``state`` (flat); emit effects only from
-    the first trading day the new rows can change.
+    floor: date | None = None,
+    marks: Marks | None = None,
+    folded: _FillKey | None = None,
+) -> Restated | None:
+    """Replay a stream's standing fills; return only what changed from the first fill
+    the new rows can change.
 
     A late fill, a bust or a correction changes the stream from its own fill on (in
-    event order); whatever sorts before that fill, and the history and daily P&L of the
-    days before its trading day, stay as they are. So the whole stream is folded (the
-    state needs it) but only the effects from that day on are returned to be written.
+    event order); whatever sorts before that fill stays as it is: its history lines, and
+    its share of its day's P&L (returned as ``seed``). The replay starts from the latest
+    of ``marks`` before that fill, or from the stream's first fill with none, and the
+    rewrite from the mark, or from the changed fill.
 
     Args:
-        state: a flat state for the stream; it ends holding every standing fill.
+        state: a flat state for the stream; with no usable mark, it is the one replayed.
         events: the stream's fill, bust and correction rows up to the page's end, in
             any order.
         first_new: the log position of the stream's first row in the page being folded:
             rows from there on are new (nothing of them is written yet).
         utc_days: no session boundary is configured (a UTC fill's day is its date).
         day_of: a fill's trading day.
+        floor: the first trading day whose detail history is not compacted (None: no
+            day is). A restatement from an earlier day rewrites that whole day and
+            everything after (its end-of-day rows included); no mark before it is used.
+        marks: the stream's marks, if it keeps them: kept up to the replay's start and
+            taken anew as it replays. With ``marks.trimmed``, ``events`` are only the
+            journal's rows since the oldest mark (``trim_journal``).
+        folded: the key of the first fill of the stream the page folded before it had
+            to restate (the page's effects for it are replaced, so the replay rewrites
+            from there at the latest; a trimmed journal may no longer hold its row).
 
     Returns:
-        ``(effects, from_day, realized before)``: the effects of the standing fills of
-        ``from_day`` and later, in event order; the earliest trading day whose history
-        and daily P&L must be rewritten (None when the new rows change no fill: a bust
-        of an unknown execution); and the realized (FIFO, WAC) P&L of the fills before
-        it.
+        The replay; or None (nothing done) when ``events`` are a trimmed journal and
+        the change may reach before the oldest mark: call again with every row of
+        the stream.
     """
     fills, keys, touched = _standing(events, first_new)
-    earliest: tuple[datetime, int] | None = None
+    partial = marks is not None and marks.trimmed
+    earliest: _FillKey | None = None
     for exec_id in touched:
         key = keys.get(exec_id)
-        if key is not None and (earliest is None or key < earliest):
+        if key is None:
+            if partial:
+                return None  # an execution before the journal's rows, or none
+        elif earliest is None or key < earliest:
             earliest = key
-    from_day: date | None = None
-    if earliest is not None:
-        from_day = _day(earliest[0], utc_days, day_of)
-    effects: list[Effect] = []
+    if folded is not None and (earliest is None or folded < earliest):
+        earliest = folded
+    if partial and marks is not None:
+        usable = earliest is not None and any(
+            m.key < earliest and (floor is None or m.day >= floor) for m in marks.points
+        )
+        if not usable:
+            return None
+    mark: Mark | None = None
+    if marks is not None:
+        kept: list[Mark] = []
+        if earliest is not None:
+            for m in marks.points:
+                if m.key >= earliest:
+                    break
+                kept.append(m)
+            while kept and floor is not None and kept[-1].day < floor:
+                kept.pop()  # (a mark on a compacted day cannot be restated from)
+        if kept:
+            mark = kept[-1]
+            marks.day, marks.day_totals = mark.day, mark.day_totals
+        else:
+            marks.day, marks.day_totals = None, (_ZERO, _ZERO, _ZERO, 0)
+        marks.points = kept
+        marks.since = 0
+    forget: Forget | None = None
+    seed: Seed | None = None
+    from_day = _NO_DAY
+    by_key = False  # rewrite from ``earliest`` (else from the start of ``from_day``)
     emitting = False
+    after_mark: _FillKey | None = None
+    if mark is not None:
+        state = mark.state.copy()
+        after_mark = mark.key
+        forget = (mark.day, mark.key[0], mark.key[1] + 1)
+        seed = (mark.day, *mark.day_totals)
+        emitting = True
+    elif earliest is not None:
+        from_day = _day(earliest[0], utc_days, day_of)
+        by_key = floor is None or from_day >= floor
+        forget = (from_day, earliest[0], earliest[1]) if by_key else (from_day, None, 0)
+    emit_from = earliest if by_key else None
+    effects: list[Effect] = []
     before_day = (state.realized_fifo, state.realized_wac)
+    seed_fifo = seed_wac = seed_fees = _ZERO
+    seed_fills = 0
     for f in fills:
+        key = (f.occurred_at, f.position)
+        if after_mark is not None and key <= after_mark:
+            continue
+        day = _day(f.occurred_at, utc_days, day_of)
         if (
             not emitting
-            and from_day is not None
-            and _day(f.occurred_at, utc_days, day_of) >= from_day
+            and forget is not None
+            and (key >= emit_from if emit_from is not None else day >= from_day)
         ):
             emitting = True
             before_day = (state.realized_fifo, state.realized_wac)
         before, after, realized_fifo, realized_wac, _ = _fold_fill(
             state, f.exec_id, f.side is Side.BUY, f.qty, f.price, f.fee, f.occurred_at, f.position
         )
+        if marks is not None:
+            _marked(marks, state, day, realized_fifo, realized_wac, f.fee)
         if emitting:
             effects.append(
                 (
@@ -447,9 +683,16 @@ def restate_stream(
                     str(f.fee),
                 )
             )
+        elif by_key and day == from_day:
+            seed_fifo += realized_fifo
+            seed_wac += realized_wac
+            seed_fees += f.fee
+            seed_fills += 1
     if not emitting:
         before_day = (state.realized_fifo, state.realized_wac)
-    return effects, from_day, before_day
+    if seed_fills:
+        seed = (from_day, seed_fifo, seed_wac, seed_fees, seed_fills)
+    return Restated(state, effects, forget, before_day, seed)
 
 
 def _day(at: datetime, utc_days: bool, day_of: Callable[[datetime], date]) -> date:

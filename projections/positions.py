@@ -187,6 +187,26 @@ class PositionState:
         """Return cumulative realized P&L net of fees under ``method``."""
         return self.realized(method) - self.fees
 
+    def copy(self) -> PositionState:
+        """Return an independent copy (the fold mutates lots in place)."""
+        return PositionState(
+            account=self.account,
+            contract=self.contract,
+            point_value=self.point_value,
+            tick_size=self.tick_size,
+            signed_qty=self.signed_qty,
+            lots=[Lot(lot.exec_id, lot.qty, lot.price, lot.opened_at) for lot in self.lots],
+            wac_basis=self.wac_basis,
+            realized_fifo=self.realized_fifo,
+            realized_wac=self.realized_wac,
+            fees=self.fees,
+            opened_at=self.opened_at,
+            closed_at=self.closed_at,
+            last_fill_at=self.last_fill_at,
+            last_key=self.last_key,
+            fill_count=self.fill_count,
+        )
+
     def to_json(self) -> dict[str, object]:
         """Return a JSON-able dict: decimals as strings, datetimes as ISO-8601.
 

@@ -53,13 +53,17 @@ from ledger.values import point_value
 from projections import store as sql
 from projections.history import HistoryRow, compact
 from projections.pagefold import (
+    MARK_EVERY,
     FoldScope,
+    Marks,
     Page,
+    Restated,
     StreamRow,
     collect,
     fold_rows,
     restate_stream,
     stream_row,
+    trim_journal,
 )
 from projections.pnl import trading_day
 from projections.positions import (
@@ -241,6 +245,10 @@ class ProjectionRunner:
         self.journal_rows = _JOURNAL_ROWS
         self._journal: dict[str, list[StreamRow]] | None = None
         self._journal_lost: set[str] = set()
+        # per journaled stream: states after every MARK_EVERYth fill, so a restatement
+        # replays and rewrites from the last mark before its change (None with no journal)
+        self._marks: dict[str, Marks] | None = None
+        self.mark_every = MARK_EVERY
         self._log_has_statistics = False  # see ledger.store.ensure_log_statistics
         self._journal_size = 0
 
@@ -404,8 +412,7 @@ class ProjectionRunner:
 
     async def compact_history(self, conn: asyncpg.Connection, generation: int) -> int:
         """Collapse detail older than the retention window into end-of-day rows."""
-        cutoff = datetime.now(UTC) - timedelta(days=self.settings.history_retention_days)
-        cutoff_day = trading_day(cutoff, self.session_start, self.session_tz)
+        cutoff_day = self._compaction_cutoff()
         async with conn.transaction():
             rows = await conn.fetch(sql.OLD_DETAIL_GROUPS, generation, cutoff_day)
             if not rows:
@@ -518,6 +525,7 @@ class ProjectionRunner:
         self._known.clear()
         self._cache_key = None
         self._journal = None
+        self._marks = None
         self._journal_lost.clear()
         self._journal_size = 0
 
@@ -547,6 +555,8 @@ class ProjectionRunner:
         rows = journal.pop(stream, None)
         if rows is not None:
             self._journal_size -= len(rows)
+        if self._marks is not None:
+            self._marks.pop(stream, None)
         self._journal_lost.add(stream)
 
     async def _read(self, conn: asyncpg.Connection, after: Checkpoint) -> list[LightRow]:
@@ -606,6 +616,7 @@ class ProjectionRunner:
             # from the start of the log with nothing cached: every stream event comes
             # through _fold from here on, so memory holds whole streams
             self._journal = {}
+            self._marks = {}
             self._journal_lost.clear()
             self._journal_size = 0
         write: asyncio.Task[int] | None = None
@@ -820,6 +831,12 @@ class ProjectionRunner:
             self._cache[stream] = state
         return state
 
+    def _compaction_cutoff(self) -> date:
+        """Return the first trading day inside the retention window: detail history of
+        the days before it is compacted into end-of-day rows."""
+        cutoff = datetime.now(UTC) - timedelta(days=self.settings.history_retention_days)
+        return trading_day(cutoff, self.session_start, self.session_tz)
+
     def _day(self, occurred_at: datetime) -> date:
         if self._utc_days and occurred_at.tzinfo is UTC:
             return occurred_at.date()
@@ -846,6 +863,10 @@ class ProjectionRunner:
             self.snapshot_every,
             self._state,
             self._add_instrument,
+            self._marks,
+            self._utc_days,
+            self._day,
+            self.mark_every,
         )
         journaled = 0
         for lo in range(0, len(rows), _YIELD_EVERY):
@@ -863,63 +884,118 @@ class ProjectionRunner:
         return page
 
     async def _restate(self, conn: asyncpg.Connection, page: Page, rows: list[LightRow]) -> None:
-        """Replay every stream of ``page.restate`` from the log, up to the page's end,
-        rewriting its history and daily P&L from the first day that changed."""
+        """Replay every stream of ``page.restate`` up to the page's end, from its journal
+        or else from the log, rewriting its history and daily P&L from the first fill
+        that changed, or from the last mark before it (see ``restate_stream``)."""
         streams = sorted(page.restate)
-        end = page.end
-        by_stream: dict[str, list[StreamRow]] = {s: [] for s in streams}
         journal = self._journal
         lost = self._journal_lost
-        if journal is None:
-            unknown = streams
-        else:
-            # every row of these streams up to the page's end went through _fold
-            unknown = [s for s in streams if s in lost]
-            for s in streams:
-                if s not in lost:
-                    by_stream[s] = journal.get(s, [])
-        if unknown:
-            for stream, position, kind, payload, recorded_at in await conn.fetch(
-                sql.STREAMS_FILLS_UPTO, unknown, str(end.tx_id), end.position
-            ):
-                by_stream[stream].append(stream_row(position, kind, payload, recorded_at))
+        marks_of = self._marks
         first_new: dict[str, int] = {}
         for row in rows:  # in log order: the first row of each stream in this page
             if row.stream in page.restate and row.stream not in first_new:
                 first_new[row.stream] = row.global_position
-        for stream in streams:
+        floor = self._compaction_cutoff()
+        # every row of a journaled stream up to the page's end went through _fold: the
+        # journal holds them all, or (trimmed) all that a replay from a mark needs
+        from_log = streams if journal is None else [s for s in streams if s in lost]
+        if journal is not None and marks_of is not None:
+            for stream in streams:
+                if stream in lost:
+                    continue
+                marks = marks_of.get(stream)
+                if marks is None:
+                    # (replays from its first fill and takes marks as it goes)
+                    marks = marks_of[stream] = Marks(every=self.mark_every)
+                events = journal.setdefault(stream, [])
+                restated = self._replay(page, stream, events, first_new[stream], floor, marks)
+                if restated is None:  # reaches before the trimmed journal: whole stream
+                    from_log.append(stream)
+                    continue
+                self._journal_size -= trim_journal(events, marks)
+                self._restated(page, stream, events, restated)
+        if not from_log:
+            return
+        by_stream: dict[str, list[StreamRow]] = {s: [] for s in from_log}
+        end = page.end
+        for stream, position, kind, payload, recorded_at in await conn.fetch(
+            sql.STREAMS_FILLS_UPTO, sorted(from_log), str(end.tx_id), end.position
+        ):
+            by_stream[stream].append(stream_row(position, kind, payload, recorded_at))
+        for stream in sorted(from_log):
             events = by_stream[stream]
-            account, contract = stream.split("/", 1)
-            instrument = self._instrument(contract)
-            state = new_state(account, contract, instrument.point_value, instrument.tick_size)
-            effects, from_day, before_day = restate_stream(
-                state, events, first_new[stream], self._utc_days, self._day
-            )
-            if from_day is not None:
-                page.forget[stream] = from_day
-            self._cache[stream] = state
-            self._cache.move_to_end(stream)
-            latest = max((e[8] for e in events), default=None)
-            if latest is not None:
-                self._known[stream] = latest
-            page.effects[stream] = effects
-            page.cum_before[stream] = before_day
-            # The page's earlier snapshots of the stream are superseded by one snapshot
-            # of the whole of what is known at this point. (Intermediate replay states
-            # would miss fills known here but later in event order, so they could not
-            # serve a tail read by log position.)
-            page.snapshots = [s for s in page.snapshots if s[0] != stream]
-            if state.last_key is not None and latest is not None:
-                page.snapshots.append(
-                    (
-                        stream,
-                        page.restate[stream],
-                        state.last_key[1],
-                        state.last_key[0],
-                        latest,
-                        orjson.dumps(state.to_json()).decode(),
-                    )
+            marks = None
+            if journal is not None and marks_of is not None and stream not in lost:
+                # the journal takes the whole stream again, until marks trim it
+                self._journal_size += len(events) - len(journal.get(stream, ()))
+                journal[stream] = events
+                marks = marks_of[stream]
+                marks.trimmed = False
+            restated = self._replay(page, stream, events, first_new[stream], floor, marks)
+            if restated is None:  # pragma: no cover - a whole stream always replays
+                raise RuntimeError(f"stream {stream} did not replay from its whole log")
+            if marks is not None:
+                self._journal_size -= trim_journal(events, marks)
+            self._restated(page, stream, events, restated)
+
+    def _replay(
+        self,
+        page: Page,
+        stream: str,
+        events: list[StreamRow],
+        first_new: int,
+        floor: date,
+        marks: Marks | None,
+    ) -> Restated | None:
+        account, contract = stream.split("/", 1)
+        instrument = self._instrument(contract)
+        folded = page.effects.get(stream)  # what the page folded before the restatement
+        return restate_stream(
+            new_state(account, contract, instrument.point_value, instrument.tick_size),
+            events,
+            first_new,
+            self._utc_days,
+            self._day,
+            floor,
+            marks,
+            (folded[0][2], folded[0][1]) if folded else None,
+        )
+
+    def _restated(
+        self, page: Page, stream: str, events: list[StreamRow], restated: Restated
+    ) -> None:
+        """Take a replayed stream's state, and what it rewrites, into ``page``."""
+        state = restated.state
+        if restated.forget is not None:
+            page.forget[stream] = restated.forget
+        if restated.seed is not None:
+            page.seed[stream] = restated.seed
+        self._cache[stream] = state
+        self._cache.move_to_end(stream)
+        latest = max((e[8] for e in events), default=None)
+        known = self._known.get(stream)
+        if latest is None or (known is not None and known > latest):
+            latest = known  # (a trimmed journal's rows need not hold the latest)
+        if latest is not None:
+            self._known[stream] = latest
+        page.effects[stream] = restated.effects
+        page.cum_before[stream] = restated.cum_before
+        # The page's earlier snapshots of the stream are superseded by one snapshot of
+        # the whole of what is known at this point. (Intermediate replay states would
+        # miss fills known here but later in event order, so they could not serve a tail
+        # read by log position.)
+        page.snapshots = [s for s in page.snapshots if s[0] != stream]
+        if state.last_key is not None and latest is not None:
+            page.snapshots.append(
+                (
+                    stream,
+                    page.restate[stream],
+                    state.last_key[1],
+                    state.last_key[0],
+                    latest,
+                    orjson.dumps(state.to_json()).decode(),
                 )
+            )
 
     def _position_rows(self, streams: set[str]) -> list[tuple[Any, ...]]:
         rows = []
@@ -951,9 +1027,17 @@ class ProjectionRunner:
         """Write one page's rows inside the open transaction (not its positions)."""
         if page.forget:
             streams = list(page.forget)
-            days = list(page.forget.values())
-            for statement in sql.FORGET_STREAM:
-                await conn.execute(statement, generation, streams, days)
+            days = [f[0] for f in page.forget.values()]
+            forget_history, forget_daily = sql.FORGET_STREAM
+            await conn.execute(
+                forget_history,
+                generation,
+                streams,
+                days,
+                [f[1] for f in page.forget.values()],
+                [f[2] for f in page.forget.values()],
+            )
+            await conn.execute(forget_daily, generation, streams, days)
         if page.history:
             await conn.copy_to_table(
                 "proj_history",

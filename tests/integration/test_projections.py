@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from pytest_postgresql.executors import PostgreSQLExecutor
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -31,6 +32,7 @@ from ledger.events import Event, FillBusted, FillCorrected, FillRecorded, parse_
 from ledger.settings import Settings
 from ledger.store import EventStore, driver_connection
 from projections import queries
+from projections import runner as runner_module
 from projections.positions import replay
 from projections.runner import ProjectionRunner
 
@@ -376,6 +378,95 @@ async def test_restatements_across_many_days_rewrite_only_from_the_changed_day(
     assert min(days_per_stream) >= 10
     assert sum(isinstance(e, FillBusted) for _, e in log) >= 3
     assert sum(isinstance(e, FillCorrected) for _, e in log) >= 3
+
+
+async def test_restatements_from_marks_rewrite_the_same_history_as_a_pure_replay(
+    engine: AsyncEngine, store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restatement replays from the stream's last mark before the fill it changes
+    (or from that fill) and rewrites history and daily P&L only from there: every
+    history line and daily row still equals a pure replay of the whole log. Marks every
+    other fill, so that most restatements start from one, across days and within one."""
+    rng = random.Random(29)
+    settings = Settings(history_retention_days=36_500)  # no day is compacted
+    log = await append_all(store, instruments())
+    events = random_log(
+        rng, 400, start=T0 - timedelta(days=6), step=timedelta(minutes=25), adjust_rate=0.1
+    )
+    from_mark: list[bool] = []
+    partial: list[Any] = []  # replays the trimmed journal could not serve
+    restate = runner_module.restate_stream
+
+    def watching(*args: Any) -> Any:
+        marks = args[6]
+        keys = {m.key for m in marks.points} if marks is not None else set()
+        restated = restate(*args)
+        if restated is None:
+            partial.append(args[0])
+        elif restated.forget is not None:
+            _, at, position = restated.forget
+            from_mark.append(at is not None and (at, position - 1) in keys)
+        return restated
+
+    monkeypatch.setattr(runner_module, "restate_stream", watching)
+    runner = ProjectionRunner(engine, settings, batch_size=7, snapshot_every=4)
+    runner.mark_every = 2
+    i = 0
+    while i < len(events):
+        n = rng.choice((1, 2, 3, 9))
+        log += await append_all(store, events[i : i + n])
+        i += n
+        await runner.catch_up()
+    assert sum(from_mark) >= 20, from_mark
+    assert not all(from_mark)  # and some replayed from the first fill
+    assert partial  # some of them after the trimmed journal fell short
+    serving = await snapshot_serving(engine)
+
+    by_stream: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+    for position, e in log:
+        if isinstance(e, FillRecorded | FillBusted | FillCorrected):
+            by_stream[e.stream].append((position, e))
+    lines: list[tuple[Any, ...]] = []
+    daily: dict[tuple[str, str], list[Decimal]] = {}
+    for stream in sorted(by_stream):
+        account, contract = stream.split("/", 1)
+        tick, value, _ = CONTRACTS[contract]
+        _, effects = replay(
+            account, contract, Decimal(value) / Decimal(tick), Decimal(tick), by_stream[stream]
+        )
+        cum_fifo = cum_wac = Decimal(0)
+        for f in effects:
+            cum_fifo += f.realized_fifo
+            cum_wac += f.realized_wac
+            amounts = (f.qty_before, f.qty_after, f.realized_fifo, f.realized_wac)
+            lines.append((stream, f.position, f.exec_id, *amounts, cum_fifo, cum_wac, f.fee))
+            sums = daily.setdefault((stream, f.occurred_at.date().isoformat()), [Decimal(0)] * 4)
+            for k, amount in enumerate((f.realized_fifo, f.realized_wac, f.fee, Decimal(1))):
+                sums[k] += amount
+    columns = ("qty_before", "qty_after", "realized_fifo", "realized_wac")
+    columns += ("cum_realized_fifo", "cum_realized_wac", "fees")
+    got_lines = [
+        (h["stream"], int(h["position"]), h["exec_id"], *(Decimal(h[k]) for k in columns))
+        for h in serving["proj_history"]
+    ]
+    assert {h["kind"] for h in serving["proj_history"]} == {"detail"}
+    assert got_lines == lines
+    got_daily = {
+        (r["stream"], r["day"]): [Decimal(r[k]) for k in ("realized_fifo", "realized_wac")]
+        + [Decimal(r["fees"]), Decimal(r["fills"])]
+        for r in serving["proj_pnl_daily"]
+    }
+    assert got_daily == daily
+    assert len({day for _, day in daily}) >= 6
+    assert await assert_rebuild_equals_serving(engine, settings) == serving
+    # and a rebuild in pages long enough to take several marks of a stream before a
+    # restatement in the same page (which trims its journal past the page's first fill)
+    big = ProjectionRunner(engine, settings, batch_size=500)
+    big.mark_every = 2
+    partial.clear()
+    await big.rebuild()
+    assert partial
+    assert await snapshot_serving(engine) == serving
 
 
 async def test_late_fill_same_as_on_time_in_another_database_order(

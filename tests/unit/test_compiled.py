@@ -197,7 +197,7 @@ def _fold(pf: ModuleType, pos: ModuleType, rows: list[LightRow]) -> dict[str, An
         instruments[p["contract"]] = (Decimal(p["tick_size"]), Decimal(p["tick_value"]))
 
     journal: dict[str, list[Any]] = {}
-    scope = pf.FoldScope(cache, {}, journal, set(), 3, new_state, add_instrument)
+    marks: dict[str, Any] = {}
     daily: dict[str, dict[date, list[Any]]] = {}
     dirty: set[str] = set()
     collect_days: list[datetime] = []
@@ -206,7 +206,13 @@ def _fold(pf: ModuleType, pos: ModuleType, rows: list[LightRow]) -> dict[str, An
         collect_days.append(at)
         return trading_day(at, None, None)
 
+    # marks every other fill: restatements replay from marks as often as from scratch
+    scope = pf.FoldScope(
+        cache, {}, journal, set(), 3, new_state, add_instrument, marks, True, day_of, 2
+    )
     journaled = 0
+    trimmed = 0
+    replayed_whole: list[str] = []
     pages = []
     # three pages, as the runner folds them: a restatement in a later page rewrites
     # only from the first day it changes
@@ -228,20 +234,46 @@ def _fold(pf: ModuleType, pos: ModuleType, rows: list[LightRow]) -> dict[str, An
             account, contract = stream.split("/")
             state = new_state(stream, account, contract)
             events = journal[stream]
-            effects, from_day, before = pf.restate_stream(
-                state, events, first_new[stream], True, day_of
+            mine = marks.get(stream)
+            folded = page.effects.get(stream)
+            first = (folded[0][2], folded[0][1]) if folded else None
+            restated = pf.restate_stream(
+                state, events, first_new[stream], True, day_of, None, mine, first
             )
-            page.effects[stream] = effects
-            page.cum_before[stream] = before
-            if from_day is not None:
-                page.forget[stream] = from_day
+            if restated is None:
+                # the trimmed journal does not reach the change: replay the whole stream,
+                # as the runner does from the log
+                events = journal[stream] = [
+                    pf.stream_row(r.global_position, r.type, r.payload, r.recorded_at)
+                    for r in rows[:hi]
+                    if r.stream == stream and r.type in ("fill", "bust", "correction")
+                ]
+                mine.trimmed = False
+                state = new_state(stream, account, contract)
+                restated = pf.restate_stream(
+                    state, events, first_new[stream], True, day_of, None, mine, first
+                )
+                replayed_whole.append(stream)
+            if mine is not None:
+                trimmed += pf.trim_journal(events, mine)
+            cache[stream] = restated.state
+            page.effects[stream] = restated.effects
+            page.cum_before[stream] = restated.cum_before
+            if restated.forget is not None:
+                page.forget[stream] = restated.forget
+            if restated.seed is not None:
+                page.seed[stream] = restated.seed
         pf.collect(page, 7, cache, daily, dirty, True, day_of)
         pages.append(page)
     return {
         "journaled": journaled,
+        "trimmed": trimmed,
+        "replayed_whole": replayed_whole,
+        "journal": journal,
         "effects": [p.effects for p in pages],
         "restate": [p.restate for p in pages],
         "forget": [p.forget for p in pages],
+        "seed": [p.seed for p in pages],
         "snapshots": [p.snapshots for p in pages],
         "history": [line for p in pages for line in p.history],
         "daily": daily,
