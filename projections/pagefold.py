@@ -93,6 +93,7 @@ class Mark:
     day: date  # its trading day
     state: PositionState  # a private copy, never folded into
     day_totals: _Totals  # the P&L of ``day`` up to and with the fill (the seed's)
+    page: int  # the page whose fold took it (-1: a restatement's replay)
 
 
 @dataclass(slots=True)
@@ -123,9 +124,15 @@ def _marked(
     realized_fifo: Decimal,
     realized_wac: Decimal,
     fee: Decimal,
+    page: int,
 ) -> bool:
     """Count a fill just folded into ``state`` (in event order) into its day's P&L;
-    every ``marks.every``th fill leaves a mark. Return whether it did."""
+    every ``marks.every``th fill leaves a mark. Return whether it did.
+
+    A restatement cannot start from a mark taken by its own page's fold (the page's
+    fills before it are rewritten too), so the newest mark from before the page is
+    never crowded out by the page's own: of those, only the newest is kept.
+    """
     if day != marks.day:
         marks.day = day
         fifo, wac, fees, fills = _ZERO, _ZERO, _ZERO, 0
@@ -137,9 +144,12 @@ def _marked(
     if marks.since >= marks.every and state.last_key is not None:
         marks.since = 0
         points = marks.points
-        points.append(Mark(state.last_key, day, state.copy(), totals))
+        points.append(Mark(state.last_key, day, state.copy(), totals, page))
         if len(points) > marks.keep:
-            del points[0]
+            if len(points) >= 3 and points[-2].page == page and points[-3].page != page:
+                del points[-2]
+            else:
+                del points[0]
         return True
     return False
 
@@ -284,6 +294,7 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
     restate = page.restate
     snapshots = page.snapshots
     marks_of = scope.marks
+    page_id = page.end.position
     utc_days = scope.utc_days
     day_of = scope.day_of
     journaled = 0
@@ -364,6 +375,7 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
                     realized_fifo,
                     realized_wac,
                     fee,
+                    page_id,
                 )
                 and journal is not None
             ):
@@ -664,7 +676,7 @@ def restate_stream(
             state, f.exec_id, f.side is Side.BUY, f.qty, f.price, f.fee, f.occurred_at, f.position
         )
         if marks is not None:
-            _marked(marks, state, day, realized_fifo, realized_wac, f.fee)
+            _marked(marks, state, day, realized_fifo, realized_wac, f.fee, -1)
         if emitting:
             effects.append(
                 (
