@@ -82,10 +82,19 @@ ORDER BY known_position DESC, key_position DESC LIMIT 1
 # After a snapshot: everything recorded after it (fills up to T are kept by the caller).
 # The snapshot holds every fill logged up to its position that still stands, so nothing
 # at or before that position may come back: a fill busted there must stay out.
+# A bust or correction of a fill that happened after T changes nothing at T: it is left
+# out here, or else (its fill not being in the tail) the caller would replay the whole
+# stream. Such a fill is logged after the snapshot, whose fills all sort at or before T.
 TAIL_AS_OF = """
-SELECT global_position, payload::text FROM events
-WHERE stream = $1 AND type IN ('fill', 'bust', 'correction') AND global_position > $2
-  AND (type <> 'fill' OR occurred_at <= $3)
+WITH tail AS (
+    SELECT global_position, type, occurred_at, payload FROM events
+    WHERE stream = $1 AND type IN ('fill', 'bust', 'correction') AND global_position > $2
+)
+SELECT global_position, payload::text FROM tail
+WHERE CASE WHEN type = 'fill' THEN occurred_at <= $3
+      ELSE payload->>'exec_id' NOT IN (
+          SELECT payload->>'exec_id' FROM tail WHERE type = 'fill' AND occurred_at > $3)
+      END
 ORDER BY global_position
 """
 REPLAY_AS_OF = """

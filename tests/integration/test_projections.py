@@ -759,8 +759,9 @@ async def test_snapshot_answers_equal_full_replay_on_both_clocks(
             assert view.state.to_json() == expected.to_json(), (clock, stream, at)
     # many answers came from a snapshot plus a tail, not a full replay (as-of falls back
     # whenever a later bust, correction or late fill reaches into the snapshot: frequent
-    # with this log's 12% late fills and 5% adjustments)
-    assert hits["as_of"] > 20 and hits["as_known_at"] > 100, hits
+    # with this log's 12% late fills and 5% adjustments; 48 of 150 as-of answers, 29
+    # while adjustments of fills after T also made it fall back)
+    assert hits["as_of"] > 40 and hits["as_known_at"] > 100, hits
 
 
 # --------------------------------------------------------- live: NOTIFY, restart
