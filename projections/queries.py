@@ -53,6 +53,8 @@ Clock = Literal["now", "as_of", "as_known_at"]
 StreamEvent = FillRecorded | FillBusted | FillCorrected
 
 _FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
+_NO_POSITION = 2**63 - 1  # above every log position
+_SNAPSHOT_TRIES = 3  # snapshots tried, each earlier than the fill the last one restated
 
 SERVING = "SELECT generation FROM projection_checkpoint WHERE status = 'serving'"
 POSITIONS = """
@@ -69,15 +71,25 @@ SELECT payload->>'price', occurred_at FROM events
 WHERE stream = 'instrument/' || $1 AND type = 'mark' AND occurred_at <= $2 AND recorded_at <= $3
 ORDER BY occurred_at DESC, global_position DESC LIMIT 1
 """
+# ($4, $5): only a snapshot whose last fill sorts before this key (a fill it must not
+# hold, because a later row changes or precedes it); far future for any.
 SNAPSHOT_AS_OF = """
 SELECT known_position, key_occurred_at, state::text FROM proj_snapshots
 WHERE generation = $1 AND stream = $2 AND key_occurred_at <= $3
+  AND (key_occurred_at, key_position) < ($4, $5)
 ORDER BY key_occurred_at DESC, known_position DESC LIMIT 1
 """
 SNAPSHOT_AS_KNOWN_AT = """
 SELECT known_position, key_occurred_at, state::text FROM proj_snapshots
 WHERE generation = $1 AND stream = $2 AND known_recorded_at <= $3
+  AND (key_occurred_at, key_position) < ($4, $5)
 ORDER BY known_position DESC, key_position DESC LIMIT 1
+"""
+# The earliest (in event order) of the fills some executions recorded.
+FIRST_FILL_OF = """
+SELECT occurred_at, global_position FROM events
+WHERE stream = $1 AND type = 'fill' AND payload->>'exec_id' = ANY($2::text[])
+ORDER BY occurred_at, global_position LIMIT 1
 """
 # After a snapshot: everything recorded after it (fills up to T are kept by the caller).
 # The snapshot holds every fill logged up to its position that still stands, so nothing
@@ -195,8 +207,11 @@ async def stream_at(
     known_at = clock == "as_known_at"
     if not with_effects:
         snap_sql = SNAPSHOT_AS_KNOWN_AT if known_at else SNAPSHOT_AS_OF
-        snap = await conn.fetchrow(snap_sql, generation, stream, when)
-        if snap is not None:
+        before: tuple[datetime, int] = (_FAR_FUTURE, _NO_POSITION)
+        for _ in range(_SNAPSHOT_TRIES):
+            snap = await conn.fetchrow(snap_sql, generation, stream, when, *before)
+            if snap is None:
+                break
             state = PositionState.from_json(orjson.loads(snap["state"]))
             known = snap["known_position"]
             if known_at:
@@ -204,8 +219,15 @@ async def stream_at(
             else:
                 tail_rows = await conn.fetch(TAIL_AS_OF, stream, known, when)
             folded = _fold_tail(state, _decode(tail_rows), known_at, when)
-            if folded is not None:
+            if isinstance(folded, PositionState):
                 return StreamView(folded)
+            # the tail changes a fill the snapshot holds: an earlier snapshot may not
+            if isinstance(folded, list):
+                first = await conn.fetchrow(FIRST_FILL_OF, stream, folded)
+                if first is None:
+                    break
+                folded = (first[0], first[1])
+            before = min(before, folded)
     if known_at:
         events = _decode(await conn.fetch(REPLAY_AS_KNOWN_AT, stream, when))
     else:
@@ -220,22 +242,27 @@ async def stream_at(
 
 def _fold_tail(
     state: PositionState, tail: list[tuple[int, StreamEvent]], known_at: bool, when: datetime
-) -> PositionState | None:
-    """Fold a snapshot's tail, or return None when the tail restates the snapshot.
+) -> PositionState | tuple[datetime, int] | list[str]:
+    """Fold a snapshot's tail into it, unless the tail restates the snapshot.
 
     The snapshot holds everything known when it was taken; the tail holds what was
     recorded after it (and, for event time, fills later than its last fill). A fill
     that sorts before the snapshot's last fill, or a bust or correction of a fill not in
-    the tail, would restate it: the caller then replays the whole stream instead.
+    the tail, would restate it: then the key of that fill, or the executions whose
+    fills the snapshot may hold, is returned, and the caller tries an earlier snapshot
+    (or replays the whole stream).
     """
     if not known_at:
         tail = [(p, e) for p, e in tail if not isinstance(e, FillRecorded) or e.occurred_at <= when]
     fills = {e.exec_id for _, e in tail if isinstance(e, FillRecorded)}
-    if any(not isinstance(e, FillRecorded) and e.exec_id not in fills for _, e in tail):
-        return None
+    outside = sorted(
+        {e.exec_id for _, e in tail if not isinstance(e, FillRecorded) and e.exec_id not in fills}
+    )
+    if outside:
+        return outside
     for fill in effective_fills(tail):
         if not is_in_order(state, fill.occurred_at, fill.position):
-            return None
+            return (fill.occurred_at, fill.position)
         apply_fill(state, fill)
     return state
 
