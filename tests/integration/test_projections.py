@@ -307,6 +307,20 @@ async def test_random_arrival_incremental_equals_rebuild_and_pure_replay(
     assert sum(isinstance(e, FillCorrected) for _, e in log) >= 3
 
 
+async def append_catching_up(
+    store: EventStore, runner: ProjectionRunner, events: Sequence[Event], rng: random.Random
+) -> list[tuple[int, Event]]:
+    """Append ``events`` a few at a time, catching ``runner`` up after each append."""
+    log: list[tuple[int, Event]] = []
+    i = 0
+    while i < len(events):
+        n = rng.choice((1, 2, 3, 9))
+        log += await append_all(store, events[i : i + n])
+        i += n
+        await runner.catch_up()
+    return log
+
+
 async def test_restatements_across_many_days_rewrite_only_from_the_changed_day(
     engine: AsyncEngine, store: EventStore
 ) -> None:
@@ -321,12 +335,7 @@ async def test_restatements_across_many_days_rewrite_only_from_the_changed_day(
         rng, 300, start=T0 - timedelta(days=20), step=timedelta(hours=2), adjust_rate=0.08
     )
     runner = ProjectionRunner(engine, batch_size=7, snapshot_every=4)
-    i = 0
-    while i < len(events):
-        n = rng.choice((1, 2, 3, 9))
-        log += await append_all(store, events[i : i + n])
-        i += n
-        await runner.catch_up()
+    log += await append_catching_up(store, runner, events, rng)
     after = await assert_rebuild_equals_serving(engine)
     # again with a restate journal too small to hold the streams: restatements of the
     # streams it dropped read them back from the log
@@ -411,12 +420,7 @@ async def test_restatements_from_marks_rewrite_the_same_history_as_a_pure_replay
     monkeypatch.setattr(runner_module, "restate_stream", watching)
     runner = ProjectionRunner(engine, settings, batch_size=7, snapshot_every=4)
     runner.mark_every = 2
-    i = 0
-    while i < len(events):
-        n = rng.choice((1, 2, 3, 9))
-        log += await append_all(store, events[i : i + n])
-        i += n
-        await runner.catch_up()
+    log += await append_catching_up(store, runner, events, rng)
     assert sum(from_mark) >= 20, from_mark
     assert not all(from_mark)  # and some replayed from the first fill
     assert partial  # some of them after the trimmed journal fell short
