@@ -459,11 +459,14 @@ def collect(
                 del daily[day]
     for stream, (day, seed_fifo, seed_wac, seed_fees, seed_fills) in page.seed.items():
         state = cache[stream]
-        daily = daily_all.get(stream)
-        if daily is None:
-            daily = {}
-            daily_all[stream] = daily
-        daily[day] = [state.account, state.contract, seed_fifo, seed_wac, seed_fees, seed_fills]
+        daily_all.setdefault(stream, {})[day] = [
+            state.account,
+            state.contract,
+            seed_fifo,
+            seed_wac,
+            seed_fees,
+            seed_fills,
+        ]
     for stream, effects in page.effects.items():
         dirty.add(stream)
         if not effects:
@@ -616,24 +619,21 @@ def restate_stream(
             earliest = key
     if folded is not None and (earliest is None or folded < earliest):
         earliest = folded
-    if partial and marks is not None:
-        usable = earliest is not None and any(
-            m.key < earliest and (floor is None or m.day >= floor) for m in marks.points
-        )
-        if not usable:
-            return None
-    mark: Mark | None = None
+    # the marks a replay may start from: before the change, and on a day not compacted
+    # (marks sort by key, and their days with it)
+    kept: list[Mark] = []
+    if marks is not None and earliest is not None:
+        for m in marks.points:
+            if m.key >= earliest:
+                break
+            kept.append(m)
+        if kept and floor is not None and kept[-1].day < floor:
+            kept = []
+    if partial and not kept:
+        return None
+    mark = kept[-1] if kept else None
     if marks is not None:
-        kept: list[Mark] = []
-        if earliest is not None:
-            for m in marks.points:
-                if m.key >= earliest:
-                    break
-                kept.append(m)
-            while kept and floor is not None and kept[-1].day < floor:
-                kept.pop()  # (a mark on a compacted day cannot be restated from)
-        if kept:
-            mark = kept[-1]
+        if mark is not None:
             marks.day, marks.day_totals = mark.day, mark.day_totals
         else:
             marks.day, marks.day_totals = None, (_ZERO, _ZERO, _ZERO, 0)

@@ -1028,16 +1028,15 @@ class ProjectionRunner:
         if page.forget:
             streams = list(page.forget)
             days = [f[0] for f in page.forget.values()]
-            forget_history, forget_daily = sql.FORGET_STREAM
             await conn.execute(
-                forget_history,
+                sql.FORGET_HISTORY,
                 generation,
                 streams,
                 days,
                 [f[1] for f in page.forget.values()],
                 [f[2] for f in page.forget.values()],
             )
-            await conn.execute(forget_daily, generation, streams, days)
+            await conn.execute(sql.FORGET_DAILY, generation, streams, days)
         if page.history:
             await conn.copy_to_table(
                 "proj_history",

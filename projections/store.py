@@ -134,16 +134,18 @@ ON CONFLICT (generation, stream, day) DO UPDATE SET
     fills = proj_pnl_daily.fills + excluded.fills
 """
 # What a restatement rewrites ($2 streams, $3 days, $4 fill times, $5 log positions; see
-# projections.pagefold.Forget): daily P&L from the day on; history from the day on, or
-# with a time, only the rows of that day from that fill on in event order.
-FORGET_STREAM = (
-    """DELETE FROM proj_history t
+# projections.pagefold.Forget): history from the day on, or with a time, only the rows
+# of that day from that fill on in event order; daily P&L from the day on.
+FORGET_HISTORY = """
+DELETE FROM proj_history t
 USING unnest($2::text[], $3::date[], $4::timestamptz[], $5::bigint[]) AS f(stream, day, at, pos)
 WHERE t.generation = $1 AND t.stream = f.stream AND t.day >= f.day
-  AND (f.at IS NULL OR t.day > f.day OR (t.occurred_at, t.position) >= (f.at, f.pos))""",
-    """DELETE FROM proj_pnl_daily t USING unnest($2::text[], $3::date[]) AS f(stream, day)
-WHERE t.generation = $1 AND t.stream = f.stream AND t.day >= f.day""",
-)
+  AND (f.at IS NULL OR t.day > f.day OR (t.occurred_at, t.position) >= (f.at, f.pos))
+"""
+FORGET_DAILY = """
+DELETE FROM proj_pnl_daily t USING unnest($2::text[], $3::date[]) AS f(stream, day)
+WHERE t.generation = $1 AND t.stream = f.stream AND t.day >= f.day
+"""
 INSERT_SNAPSHOTS = """
 INSERT INTO proj_snapshots (generation, stream, known_position, key_position, key_occurred_at,
     known_recorded_at, state)
