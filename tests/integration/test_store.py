@@ -145,6 +145,27 @@ async def test_batch_with_one_bad_event_appends_nothing(store: EventStore, db_ur
     assert [e.stream_version for e in stream] == [1]
 
 
+@pytest.mark.parametrize("conflict", ["stored", "in batch"])
+async def test_large_batch_with_a_conflict_at_its_end_appends_nothing(
+    store: EventStore, db_url: str, conflict: str
+) -> None:
+    """A big batch whose last event conflicts appends none of the events before it."""
+    await store.append([fill("T-1", price="5000.25")])
+    batch = [fill(f"T-{i}", account=f"ACC-{i % 5}") for i in range(2, 900)]
+    if conflict == "stored":
+        batch.append(fill("T-1", price="4999.00"))
+    else:
+        batch.append(fill("T-2", price="4999.00", account="ACC-2"))
+    with pytest.raises(IdempotencyConflict):
+        await store.append(batch)
+    assert await count(db_url) == 1
+    conn = await asyncpg.connect(plain_url(db_url))
+    try:
+        assert await conn.fetchval("SELECT sum(version) FROM streams") == 1
+    finally:
+        await conn.close()
+
+
 async def test_in_batch_duplicate_reports_one_position(store: EventStore) -> None:
     result = await store.append([fill("T-1"), fill("T-1")])
     assert result.appended == 1 and result.duplicates == 1
@@ -300,10 +321,14 @@ async def test_large_batch_reports_the_stored_positions(store: EventStore, db_ur
     """A batch big enough to be COPYed: the positions it reports are those in the log,
     duplicates (earlier and in-batch) report their originals, and heads and chains hold."""
     earlier = await store.append([fill("T-0"), fill("T-1", account="ACC-2")])
-    batch = [fill(f"T-{i}", account=f"ACC-{i % 3}") for i in range(2, 120)]
+    # ~900 events, duplicates at both ends
+    batch = [fill(f"T-{i}", account=f"ACC-{i % 3}") for i in range(2, 900)]
     batch[10:10] = [fill("T-0"), fill("T-1", account="ACC-2"), batch[0]]  # duplicates
+    batch += [fill("T-0"), batch[-1]]
     result = await store.append(batch)
-    assert (result.appended, result.duplicates) == (118, 3)
+    assert (result.appended, result.duplicates) == (898, 5)
+    assert result.positions[-2] == earlier.positions[0]
+    assert result.positions[-1] == result.positions[-3]
     assert result.positions[10:12] == earlier.positions
     assert result.positions[12] == result.positions[0]
     stored = {
