@@ -18,6 +18,11 @@ next page of the log while the current one is folded; one reads what folding nee
 Python folds page *n + 1*. A transaction covers one page when following the log and
 many pages (``rebuild_flush_events``) in a rebuild, where a kill costs at most that
 much work. Memory is bounded by the page size and the state cache, never the log.
+
+Python's folding is the bottleneck of a rebuild, and streams are independent: a rebuild
+of a long log (``partition_min_events``) splits the streams between
+``rebuild_workers`` processes up to the log's end when it starts (see
+:mod:`projections.partition`), joins them, then catches up and swaps as usual.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -80,6 +86,8 @@ _DEFAULT_BATCH = 5000
 _REBUILD_FLUSH_EVENTS = 200_000
 _JOURNAL_ROWS = 250_000
 _YIELD_EVERY = 512  # rows folded between chances for other tasks to run
+_MAX_WORKERS = 4  # rebuild worker processes by default: one per core, at most this
+_PARTITION_MIN_EVENTS = 200_000  # shorter logs gain little: a worker takes ~1 s to start
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +190,20 @@ def _connection_lost(exc: BaseException) -> bool:
     return "connection" in text and ("closed" in text or "lost" in text or "refused" in text)
 
 
+async def _watch(
+    proc: asyncio.subprocess.Process, progress: Callable[[int], None] | None
+) -> tuple[int, str]:
+    """Forward a rebuild worker's progress lines; return its exit status and error tail."""
+    assert proc.stdout is not None and proc.stderr is not None
+    errors = asyncio.ensure_future(proc.stderr.read())
+    async for line in proc.stdout:
+        text = line.strip()
+        if progress is not None and text.isdigit():
+            progress(int(text))
+    code = await proc.wait()
+    return code, (await errors).decode(errors="replace")[-2000:].strip()
+
+
 class _Conflict(Exception):
     """Another runner moved the checkpoint since we read it: start again from it."""
 
@@ -250,6 +272,14 @@ class ProjectionRunner:
         self._marks: dict[str, Marks] | None = None
         self.mark_every = MARK_EVERY
         self._log_has_statistics = False  # see ledger.store.ensure_log_statistics
+        # A rebuild of a log of at least partition_min_events events splits the streams
+        # between rebuild_workers processes (projections.partition); 1: never.
+        self.rebuild_workers = _positive_env(
+            "LEDGER_REBUILD_WORKERS", min(os.cpu_count() or 1, _MAX_WORKERS)
+        )
+        self.partition_min_events = _positive_env(
+            "LEDGER_REBUILD_PARTITION_MIN", _PARTITION_MIN_EVENTS
+        )
         self._journal_size = 0
 
     # ------------------------------------------------------------------ public
@@ -391,6 +421,7 @@ class ProjectionRunner:
                 generation = await conn.fetchval(sql.BUILDING)
                 if generation is None:
                     generation = await conn.fetchval(sql.NEW_BUILDING)
+                events += await self._rebuild_in_parts(conn, generation, progress)
                 while True:
                     events += await self._drain(
                         conns, generation, progress, self.rebuild_flush_events
@@ -409,6 +440,107 @@ class ProjectionRunner:
             self._forget_cache()
         elapsed = asyncio.get_running_loop().time() - started
         return RebuildResult(generation, events, elapsed)
+
+    async def _rebuild_in_parts(
+        self,
+        conn: asyncpg.Connection,
+        generation: int,
+        progress: Callable[[int], None] | None,
+    ) -> int:
+        """Project the log up to its present end into ``generation`` with one worker
+        process per part of the streams, if it is long enough (or a killed rebuild left
+        parts to resume); then move the generation's checkpoint to that end.
+
+        Returns:
+            The events the parts projected (0 when the log is not split).
+        """
+        parts = await conn.fetch(sql.PARTITIONS, generation)
+        if not parts:
+            if self.rebuild_workers < 2:
+                return 0
+            head = await conn.fetchrow(sql.LOG_HEAD)
+            if head is None:
+                return 0
+            end = Checkpoint(head[0], head[1])
+            if await conn.fetchval(sql.COUNT_UPTO, str(end.tx_id), end.position) < (
+                self.partition_min_events
+            ):
+                return 0
+            async with conn.transaction():
+                row = await sql.lock_checkpoint(conn, generation)
+                if row is None or (row["status"], row["tx_id"], row["position"]) != (
+                    "building",
+                    0,
+                    0,
+                ):
+                    return 0  # a rebuild in one process has begun it: it goes on
+                await conn.execute(
+                    sql.CREATE_PARTITIONS, generation, self.rebuild_workers, end.tx_id, end.position
+                )
+            parts = await conn.fetch(sql.PARTITIONS, generation)
+        end = Checkpoint(parts[0]["end_tx_id"], parts[0]["end_position"])
+        pending = [r["part"] for r in parts if (r["tx_id"], r["position"]) != end]
+        if pending:
+            await self._run_workers(generation, pending, parts[0]["parts"], progress)
+        async with conn.transaction():
+            events: int = await conn.fetchval(sql.COUNT_UPTO, str(end.tx_id), end.position)
+            joined = await conn.execute(
+                sql.JOIN_PARTITIONS, generation, end.tx_id, end.position, events
+            )
+            await conn.execute(sql.DROP_PARTITIONS, generation)
+        return events if joined == "UPDATE 1" else 0
+
+    async def _run_workers(
+        self,
+        generation: int,
+        pending: list[int],
+        parts: int,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        """Run a worker process for each part in ``pending`` and wait for all of them."""
+        from projections.partition import WorkerConfig  # (it imports this module)
+
+        procs: list[asyncio.subprocess.Process] = []
+        try:
+            for part in pending:
+                config = WorkerConfig(
+                    url=self.engine.url.render_as_string(hide_password=False),
+                    generation=generation,
+                    part=part,
+                    parts=parts,
+                    parent=os.getpid(),
+                    settings=self.settings.model_dump(mode="json"),
+                    batch_size=self.batch_size,
+                    snapshot_every=self.snapshot_every,
+                    cache_size=self.cache_size,
+                    flush_events=self.rebuild_flush_events,
+                    journal_rows=self.journal_rows,
+                    mark_every=self.mark_every,
+                )
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "projections.partition",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                procs.append(proc)
+                assert proc.stdin is not None
+                proc.stdin.write(config.to_json().encode())
+                await proc.stdin.drain()
+                proc.stdin.close()
+            outcomes = await asyncio.gather(*(_watch(p, progress) for p in procs))
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        for part, (code, errors) in zip(pending, outcomes, strict=True):
+            if code != 0:
+                raise RuntimeError(
+                    f"rebuild worker {part + 1} of {parts} exited with status {code}: {errors}"
+                )
 
     async def compact_history(self, conn: asyncpg.Connection, generation: int) -> int:
         """Collapse detail older than the retention window into end-of-day rows."""
@@ -574,7 +706,7 @@ class ProjectionRunner:
         if not self._log_has_statistics:
             self._log_has_statistics = await ensure_log_statistics(conns.aux)
         while True:
-            row = await conns.aux.fetchrow(sql.CHECKPOINT, generation)
+            row = await self._checkpoint(conns.aux, generation)
             if row is None or row["status"] == "retired":
                 return total  # swapped away: the caller re-reads the serving one
             start = Checkpoint(row["tx_id"], row["position"])
@@ -677,7 +809,7 @@ class ProjectionRunner:
         tx = conn.transaction()
         await tx.start()
         try:
-            locked = await sql.lock_checkpoint(conn, generation)
+            locked = await self._lock_checkpoint(conn, generation)
             if locked is None or locked["status"] == "retired":
                 raise _Retired
             if (locked["tx_id"], locked["position"]) != (start.tx_id, start.position):
@@ -750,7 +882,21 @@ class ProjectionRunner:
                     [v[4] for v in values],
                     [v[5] for v in values],
                 )
-        await conn.execute(sql.ADVANCE, generation, end.tx_id, end.position, flush.events)
+        await self._advance(conn, generation, end, flush.events)
+
+    # The checkpoint this runner reads, holds and moves (a rebuild worker has its own).
+
+    async def _checkpoint(self, conn: asyncpg.Connection, generation: int) -> Any:
+        """Return the checkpoint row (tx_id, position, events, status), or None."""
+        return await conn.fetchrow(sql.CHECKPOINT, generation)
+
+    async def _lock_checkpoint(self, conn: asyncpg.Connection, generation: int) -> Any:
+        return await sql.lock_checkpoint(conn, generation)
+
+    async def _advance(
+        self, conn: asyncpg.Connection, generation: int, end: Checkpoint, events: int
+    ) -> None:
+        await conn.execute(sql.ADVANCE, generation, end.tx_id, end.position, events)
 
     async def _swap(self, conns: _Connections, generation: int) -> int:
         """Take the last events, compact, and swap ``generation`` in: one transaction."""

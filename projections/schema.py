@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     Date,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
     Numeric,
     Table,
     Text,
+    func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -27,6 +30,7 @@ __all__ = [
     "pnl_daily",
     "positions",
     "projection_checkpoint",
+    "projection_partition",
     "snapshots",
 ]
 
@@ -50,6 +54,28 @@ projection_checkpoint = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("swapped_at", DateTime(timezone=True)),
+)
+
+# One row per worker of a parallel rebuild while it runs (projections.partition).
+projection_partition = Table(
+    "projection_partition",
+    metadata,
+    Column(
+        "generation",
+        Integer,
+        ForeignKey("projection_checkpoint.generation", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("part", Integer, primary_key=True),
+    Column("parts", Integer, nullable=False),
+    Column("tx_id", BigInteger, nullable=False, server_default="0"),
+    Column("position", BigInteger, nullable=False, server_default="0"),
+    Column("events", BigInteger, nullable=False, server_default="0"),
+    Column("end_tx_id", BigInteger, nullable=False),
+    Column("end_position", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("part >= 0 AND part < parts", name="part"),
+    CheckConstraint("(tx_id, position) <= (end_tx_id, end_position)", name="within_end"),
 )
 
 positions = Table(

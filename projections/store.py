@@ -67,6 +67,58 @@ ADVANCE = """
 UPDATE projection_checkpoint SET tx_id = $2, position = $3, events = events + $4, updated_at = now()
 WHERE generation = $1
 """
+# A parallel rebuild (projections.partition). The end: the newest row of the gap-free
+# read order now (every transaction at or below it is complete).
+LOG_HEAD = """
+SELECT tx_id::text::bigint, global_position FROM events
+WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY tx_id DESC, global_position DESC LIMIT 1
+"""
+COUNT_UPTO = """
+SELECT count(*) FROM events WHERE (tx_id, global_position) <= ($1::text::xid8, $2::bigint)
+"""
+PARTITIONS = """
+SELECT part, parts, tx_id, position, end_tx_id, end_position FROM projection_partition
+WHERE generation = $1 ORDER BY part
+"""
+CREATE_PARTITIONS = """
+INSERT INTO projection_partition (generation, part, parts, end_tx_id, end_position)
+SELECT $1, p, $2, $3, $4 FROM generate_series(0, $2 - 1) AS p
+ON CONFLICT DO NOTHING
+"""
+# A worker's checkpoint, with its generation's status (as CHECKPOINT gives it).
+PARTITION_CHECKPOINT = """
+SELECT p.tx_id, p.position, p.events, c.status
+FROM projection_partition AS p JOIN projection_checkpoint AS c USING (generation)
+WHERE p.generation = $1 AND p.part = $2
+"""
+LOCK_PARTITION = PARTITION_CHECKPOINT + " FOR UPDATE OF p"
+ADVANCE_PARTITION = """
+UPDATE projection_partition SET tx_id = $3, position = $4, events = events + $5,
+    updated_at = now()
+WHERE generation = $1 AND part = $2
+"""
+# Done: every event of the part up to the end is in; the checkpoint says so.
+FINISH_PARTITION = """
+UPDATE projection_partition SET tx_id = end_tx_id, position = end_position, updated_at = now()
+WHERE generation = $1 AND part = $2
+"""
+# A worker's share of the log up to the end: its streams, and every instrument.
+# hashtext() is PostgreSQL's own, so the split is the same wherever a worker runs.
+READ_PARTITION = """
+SELECT global_position, tx_id::text::bigint, stream, type, payload::text, recorded_at
+FROM events
+WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
+  AND (tx_id, global_position) <= ($4::text::xid8, $5::bigint)
+  AND (type = 'instrument' OR (hashtext(stream) & 2147483647) % $6 = $7)
+ORDER BY events.tx_id, events.global_position LIMIT $3
+"""
+# All workers done: the generation's checkpoint takes the end, in one transaction.
+JOIN_PARTITIONS = """
+UPDATE projection_checkpoint SET tx_id = $2, position = $3, events = $4, updated_at = now()
+WHERE generation = $1 AND tx_id = 0 AND position = 0
+"""
+DROP_PARTITIONS = "DELETE FROM projection_partition WHERE generation = $1"
 # Two statements, in this order, inside one transaction: the unique index that allows
 # one serving generation is checked row by row, so flipping both rows in one UPDATE
 # fails whenever the new row happens to be updated first.

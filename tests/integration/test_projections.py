@@ -183,13 +183,19 @@ async def snapshot_serving(engine: AsyncEngine) -> dict[str, list[dict[str, Any]
 async def assert_rebuild_equals_serving(
     engine: AsyncEngine, settings: Settings | None = None
 ) -> dict[str, list[dict[str, Any]]]:
+    """Rebuild in one process, then split between worker processes; both must give
+    exactly the serving rows."""
     before = await snapshot_serving(engine)
-    result = await ProjectionRunner(engine, settings, batch_size=97).rebuild()
-    after = await snapshot_serving(engine)
-    assert result.events > 0
-    for table in TABLE_ROWS:
-        assert len(after[table]) == len(before[table]), table
-        assert after[table] == before[table], table
+    for workers in (1, 2):
+        runner = ProjectionRunner(engine, settings, batch_size=97)
+        runner.rebuild_workers = workers
+        runner.partition_min_events = 1
+        result = await runner.rebuild()
+        after = await snapshot_serving(engine)
+        assert result.events > 0
+        for table in TABLE_ROWS:
+            assert len(after[table]) == len(before[table]), (workers, table)
+            assert after[table] == before[table], (workers, table)
     return after
 
 

@@ -234,6 +234,78 @@ async def test_rebuild_killed_half_way_leaves_serving_intact_and_resumes(
     await assert_rebuild_equals_serving(engine)
 
 
+PARTS = "SELECT part, tx_id, position, events FROM projection_partition ORDER BY part"
+
+
+async def partitions(engine: AsyncEngine) -> list[tuple[int, int, int, int]]:
+    async with engine.connect() as sa:
+        rows = await (await driver_connection(sa)).fetch(PARTS)
+    return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+async def test_parallel_rebuild_killed_half_way_takes_its_workers_and_resumes(
+    engine: AsyncEngine, store: EventStore, cli_env: dict[str, str]
+) -> None:
+    rng = random.Random(21)
+    events = random_log(
+        rng, 12_000, accounts=[f"P{i}" for i in range(12)], adjust_rate=0.01, late=0.02
+    )
+    await store.append(instruments())
+    for i in range(0, len(events), 2000):
+        await store.append(events[i : i + 2000])
+    total = await count_events(engine)
+    await ProjectionRunner(engine).catch_up()
+    before = await snapshot_serving(engine)
+
+    # two worker processes, each committing every 900 of its events in pages of 300
+    env = dict(
+        cli_env,
+        LEDGER_PROJECTION_BATCH="300",
+        LEDGER_REBUILD_FLUSH="900",
+        LEDGER_REBUILD_WORKERS="2",
+        LEDGER_REBUILD_PARTITION_MIN="1",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ledger", "rebuild"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while sum(p[3] for p in await partitions(engine)) < total // 4:
+            assert proc.poll() is None, "the rebuild finished before it could be killed"
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    # the workers died with it: their checkpoints stay where they are
+    killed = await partitions(engine)
+    await asyncio.sleep(1.5)
+    assert await partitions(engine) == killed
+    assert [p[0] for p in killed] == [0, 1]
+    assert 0 < sum(p[3] for p in killed) < total + 2 * len(instruments())
+    assert await checkpoints(engine) == [(1, "serving", total), (2, "building", 0)]
+    assert await snapshot_serving(engine) == before
+
+    # the re-run resumes both parts, joins them, swaps, and equals the serving rows
+    result = subprocess.run(
+        [sys.executable, "-m", "ledger", "rebuild"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rebuilt generation 2" in result.stdout
+    assert await checkpoints(engine) == [(2, "serving", total)]
+    assert await partitions(engine) == []
+    assert await snapshot_serving(engine) == before
+
+
 async def test_rebuild_killed_mid_batch_then_resumed_equals_incremental(
     engine: AsyncEngine, store: EventStore, cli_env: dict[str, str]
 ) -> None:
