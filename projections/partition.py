@@ -10,7 +10,8 @@ generation. It keeps its own checkpoint in ``projection_partition``: a killed re
 resumes each worker where its last transaction left it. The parent joins the parts
 when all are done.
 
-The worker prints the events of every committed transaction on stdout (one number per
+The rebuild projects its first part itself, in a PartitionRunner of its own. A worker
+process prints the events of every committed transaction on stdout (one number per
 line) for the parent's progress bar, and dies with its parent.
 """
 
@@ -21,6 +22,7 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,13 +120,13 @@ class PartitionRunner(ProjectionRunner):
             sql.ADVANCE_PARTITION, generation, self.part, end.tx_id, end.position, events
         )
 
-    async def project(self, generation: int) -> int:
+    async def project(self, generation: int, progress: Callable[[int], None] | None = None) -> int:
         """Project this part up to the end, mark it finished; return the events read."""
         events = 0
         self._forget_cache()
         try:
             async with self._connections() as conns:
-                events = await self._drain(conns, generation, _report, self.rebuild_flush_events)
+                events = await self._drain(conns, generation, progress, self.rebuild_flush_events)
                 row = await self._checkpoint(conns.writer, generation)
                 if row is not None and row["status"] == "building":
                     await conns.writer.execute(sql.FINISH_PARTITION, generation, self.part)
@@ -158,7 +160,7 @@ async def _run(config: WorkerConfig) -> None:
         if not mine:
             return  # joined already (or the generation is gone): nothing to do
         end = Checkpoint(mine[0]["end_tx_id"], mine[0]["end_position"])
-        await PartitionRunner(engine, config, end).project(config.generation)
+        await PartitionRunner(engine, config, end).project(config.generation, _report)
     finally:
         await engine.dispose()
 

@@ -481,7 +481,7 @@ class ProjectionRunner:
         end = Checkpoint(parts[0]["end_tx_id"], parts[0]["end_position"])
         pending = [r["part"] for r in parts if (r["tx_id"], r["position"]) != end]
         if pending:
-            await self._run_workers(generation, pending, parts[0]["parts"], progress)
+            await self._run_workers(generation, pending, parts[0]["parts"], end, progress)
         async with conn.transaction():
             events: int = await conn.fetchval(sql.COUNT_UPTO, str(end.tx_id), end.position)
             joined = await conn.execute(
@@ -495,28 +495,35 @@ class ProjectionRunner:
         generation: int,
         pending: list[int],
         parts: int,
+        end: Checkpoint,
         progress: Callable[[int], None] | None,
     ) -> None:
-        """Run a worker process for each part in ``pending`` and wait for all of them."""
-        from projections.partition import WorkerConfig  # (it imports this module)
+        """Project each part in ``pending``: the first in this process, the others in
+        worker processes started first (each takes about a second to import); wait for
+        all of them."""
+        from projections.partition import PartitionRunner, WorkerConfig  # (imports us)
 
+        configs = [
+            WorkerConfig(
+                url=self.engine.url.render_as_string(hide_password=False),
+                generation=generation,
+                part=part,
+                parts=parts,
+                parent=os.getpid(),
+                settings=self.settings.model_dump(mode="json"),
+                batch_size=self.batch_size,
+                snapshot_every=self.snapshot_every,
+                cache_size=self.cache_size,
+                flush_events=self.rebuild_flush_events,
+                journal_rows=self.journal_rows,
+                mark_every=self.mark_every,
+            )
+            for part in pending
+        ]
         procs: list[asyncio.subprocess.Process] = []
+        watching: list[asyncio.Future[tuple[int, str]]] = []
         try:
-            for part in pending:
-                config = WorkerConfig(
-                    url=self.engine.url.render_as_string(hide_password=False),
-                    generation=generation,
-                    part=part,
-                    parts=parts,
-                    parent=os.getpid(),
-                    settings=self.settings.model_dump(mode="json"),
-                    batch_size=self.batch_size,
-                    snapshot_every=self.snapshot_every,
-                    cache_size=self.cache_size,
-                    flush_events=self.rebuild_flush_events,
-                    journal_rows=self.journal_rows,
-                    mark_every=self.mark_every,
-                )
+            for config in configs[1:]:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
@@ -530,16 +537,21 @@ class ProjectionRunner:
                 proc.stdin.write(config.to_json().encode())
                 await proc.stdin.drain()
                 proc.stdin.close()
-            outcomes = await asyncio.gather(*(_watch(p, progress) for p in procs))
+                watching.append(asyncio.ensure_future(_watch(proc, progress)))
+            await PartitionRunner(self.engine, configs[0], end).project(generation, progress)
+            outcomes = await asyncio.gather(*watching)
         finally:
             for proc in procs:
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
-        for part, (code, errors) in zip(pending, outcomes, strict=True):
+            for task in watching:
+                task.cancel()
+        for config, (code, errors) in zip(configs[1:], outcomes, strict=True):
             if code != 0:
                 raise RuntimeError(
-                    f"rebuild worker {part + 1} of {parts} exited with status {code}: {errors}"
+                    f"rebuild worker {config.part + 1} of {parts} exited with status {code}: "
+                    f"{errors}"
                 )
 
     async def compact_history(self, conn: asyncpg.Connection, generation: int) -> int:
