@@ -429,8 +429,12 @@ class ProjectionRunner:
                     try:
                         events += await self._swap(conns, generation)
                         break
-                    except _Conflict:
-                        self._forget_cache()  # another rebuild got there: catch up, retry
+                    except (_Conflict, _Retired):
+                        self._forget_cache()
+                        row = await conns.aux.fetchrow(sql.CHECKPOINT, generation)
+                        if row is None or row["status"] != "building":
+                            break  # another rebuild swapped it in (or replaced it): done
+                        # another rebuild moved its checkpoint on: catch up, retry
                 for (retired,) in await conn.fetch(sql.RETIRED):
                     async with conn.transaction():
                         for statement in sql.DROP_GENERATION_TABLES:

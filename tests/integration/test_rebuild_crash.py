@@ -16,7 +16,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from test_projections import (
@@ -97,6 +99,40 @@ def self_kill(
         timeout=120,
     )
     assert result.returncode == -signal.SIGKILL, result.stderr
+
+
+async def kill_rebuild_when(env: dict[str, str], reached: Callable[[], Awaitable[bool]]) -> None:
+    """Start `ledger rebuild` and SIGKILL it as soon as ``reached()`` holds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ledger", "rebuild"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not await reached():
+            assert proc.poll() is None, "the rebuild finished before it could be killed"
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+
+
+def rebuild_to_the_end(env: dict[str, str]) -> None:
+    """Run `ledger rebuild` to the end: it resumes generation 2 and swaps it in."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ledger", "rebuild"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rebuilt generation 2" in result.stdout
 
 
 async def test_runner_killed_between_and_mid_batch_resumes_exactly(
@@ -181,26 +217,12 @@ async def test_rebuild_killed_half_way_leaves_serving_intact_and_resumes(
 
     # pages of 500, a transaction every 2,000 events
     env = dict(cli_env, LEDGER_PROJECTION_BATCH="500", LEDGER_REBUILD_FLUSH="2000")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ledger", "rebuild"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            rows = await checkpoints(engine)
-            building = [r for r in rows if r[1] == "building"]
-            if building and total // 4 <= building[0][2]:
-                break
-            assert proc.poll() is None, "the rebuild finished before it could be killed"
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(30)
+
+    async def a_quarter_in() -> bool:
+        building = [r for r in await checkpoints(engine) if r[1] == "building"]
+        return bool(building) and total // 4 <= building[0][2]
+
+    await kill_rebuild_when(env, a_quarter_in)
     rows = await checkpoints(engine)
     assert rows[0] == (1, "serving", total)
     assert rows[1][:2] == (2, "building") and rows[1][2] < total, rows
@@ -213,16 +235,7 @@ async def test_rebuild_killed_half_way_leaves_serving_intact_and_resumes(
     assert incremental != before
 
     # the re-run resumes the killed generation, completes, swaps, and equals incremental
-    result = subprocess.run(
-        [sys.executable, "-m", "ledger", "rebuild"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "rebuilt generation 2" in result.stdout
+    rebuild_to_the_end(env)
     total = await count_events(engine)
     assert await checkpoints(engine) == [(2, "serving", total)]
     assert await snapshot_serving(engine) == incremental
@@ -265,22 +278,11 @@ async def test_parallel_rebuild_killed_half_way_takes_its_workers_and_resumes(
         LEDGER_REBUILD_WORKERS="2",
         LEDGER_REBUILD_PARTITION_MIN="1",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ledger", "rebuild"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while sum(p[3] for p in await partitions(engine)) < total // 4:
-            assert proc.poll() is None, "the rebuild finished before it could be killed"
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(30)
+
+    async def a_quarter_in() -> bool:
+        return total // 4 <= sum(p[3] for p in await partitions(engine))
+
+    await kill_rebuild_when(env, a_quarter_in)
     # the workers died with it: their checkpoints stay where they are
     killed = await partitions(engine)
     await asyncio.sleep(1.5)
@@ -291,16 +293,7 @@ async def test_parallel_rebuild_killed_half_way_takes_its_workers_and_resumes(
     assert await snapshot_serving(engine) == before
 
     # the re-run resumes both parts, joins them, swaps, and equals the serving rows
-    result = subprocess.run(
-        [sys.executable, "-m", "ledger", "rebuild"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "rebuilt generation 2" in result.stdout
+    rebuild_to_the_end(env)
     assert await checkpoints(engine) == [(2, "serving", total)]
     assert await partitions(engine) == []
     assert await snapshot_serving(engine) == before
@@ -373,3 +366,37 @@ async def test_swap_succeeds_when_the_serving_checkpoint_moved_during_the_rebuil
             conn = await driver_connection(sa_conn)
             rows = await conn.fetch("SELECT generation, status FROM projection_checkpoint")
         assert [(r["generation"], r["status"]) for r in rows] == [(result.generation, "serving")]
+
+
+async def test_a_rebuild_whose_generation_another_swapped_in_stops(
+    engine: AsyncEngine, store: EventStore
+) -> None:
+    """Two rebuilds find the same building generation; one swaps it in while the other
+    is still on its way. The other, finding it serving, stops there instead of
+    retrying its swap forever."""
+    rng = random.Random(31)
+    await store.append(instruments())
+    await store.append(random_log(rng, 3000, accounts=("C0", "C1", "C2", "C3")))
+    await ProjectionRunner(engine).catch_up()
+    before = await snapshot_serving(engine)
+    async with engine.connect() as sa_conn:
+        await (await driver_connection(sa_conn)).fetchval(sql.NEW_BUILDING)
+    first, second = ProjectionRunner(engine), ProjectionRunner(engine, batch_size=67)
+    # the second has found generation 2 and waits there until the first is done
+    found, go_on = asyncio.Event(), asyncio.Event()
+    in_parts = second._rebuild_in_parts
+
+    async def held(*args: Any) -> int:
+        found.set()
+        await go_on.wait()
+        return await in_parts(*args)
+
+    second._rebuild_in_parts = held  # type: ignore[method-assign]
+    late = asyncio.ensure_future(second.rebuild())
+    await asyncio.wait_for(found.wait(), 30)
+    done = await first.rebuild()
+    go_on.set()
+    result = await asyncio.wait_for(late, 30)
+    assert done.generation == result.generation == 2
+    assert await checkpoints(engine) == [(2, "serving", await count_events(engine))]
+    assert await snapshot_serving(engine) == before
