@@ -279,8 +279,9 @@ async def test_parallel_rebuild_killed_half_way_takes_its_workers_and_resumes(
         LEDGER_REBUILD_PARTITION_MIN="1",
     )
 
-    async def a_quarter_in() -> bool:
-        return total // 4 <= sum(p[3] for p in await partitions(engine))
+    async def a_quarter_in() -> bool:  # and the worker process has committed
+        parts = await partitions(engine)
+        return all(p[3] > 0 for p in parts) and total // 4 <= sum(p[3] for p in parts)
 
     await kill_rebuild_when(env, a_quarter_in)
     # the workers died with it: their checkpoints stay where they are
