@@ -285,17 +285,39 @@ class ProjectionRunner:
     # ------------------------------------------------------------------ public
 
     async def catch_up(self, progress: Callable[[int], None] | None = None) -> int:
-        """Project every committed event into the serving generation; return how many."""
+        """Project every committed event into the serving generation; return how many.
+
+        A serving generation that has projected nothing yet, on a log long enough to
+        split (``partition_min_events``), is replaced by a rebuild instead, which splits
+        the streams between processes (``ledger project`` on a fresh, long log).
+        """
         async with self._connections() as conns:
             generation = await sql.ensure_serving(conns.writer)
-            applied = await self._drain(conns, generation, progress, self.batch_size)
-            # Always: the window moves with the clock (and its setting), not only with
-            # new events; with nothing old enough this is one empty index scan. (Not on
-            # a generation a rebuild swapped away meanwhile: it is being dropped.)
-            row = await conns.aux.fetchrow(sql.CHECKPOINT, generation)
-            if row is not None and row["status"] == "serving":
-                await self.compact_history(conns.writer, generation)
-        return applied
+            if not await self._worth_a_split_rebuild(conns.aux, generation):
+                applied = await self._drain(conns, generation, progress, self.batch_size)
+                # Always: the window moves with the clock (and its setting), not only
+                # with new events; with nothing old enough this is one empty index scan.
+                # (Not on a generation a rebuild swapped away meanwhile: it is being
+                # dropped.)
+                row = await conns.aux.fetchrow(sql.CHECKPOINT, generation)
+                if row is not None and row["status"] == "serving":
+                    await self.compact_history(conns.writer, generation)
+                return applied
+        return (await self.rebuild(progress)).events
+
+    async def _worth_a_split_rebuild(self, conn: asyncpg.Connection, generation: int) -> bool:
+        """Return whether ``generation`` has projected nothing of a log long enough to
+        split (see catch_up)."""
+        if self.rebuild_workers < 2:
+            return False
+        row = await conn.fetchrow(sql.CHECKPOINT, generation)
+        if row is None or (row["tx_id"], row["position"]) != (0, 0):
+            return False
+        head = await conn.fetchrow(sql.LOG_HEAD)
+        if head is None:
+            return False
+        logged: int = await conn.fetchval(sql.COUNT_UPTO, str(head[0]), head[1])
+        return logged >= self.partition_min_events
 
     async def follow(
         self,

@@ -313,6 +313,36 @@ async def test_random_arrival_incremental_equals_rebuild_and_pure_replay(
     assert sum(isinstance(e, FillCorrected) for _, e in log) >= 3
 
 
+async def test_first_catch_up_of_a_long_log_rebuilds_it_split_and_equals_pure_replay(
+    engine: AsyncEngine, store: EventStore
+) -> None:
+    """A serving generation that has projected nothing, on a log long enough to split,
+    is replaced by a split rebuild; later catch-ups are incremental as ever."""
+    rng = random.Random(17)
+    log = await append_all(store, instruments())
+    events = random_log(rng, 1500, accounts=("S0", "S1", "S2", "S3", "S4"))
+    log += await append_all(store, events[:1200])
+    runner = ProjectionRunner(engine, batch_size=71)
+    runner.rebuild_workers = 2
+    runner.partition_min_events = len(log)
+    projected = await runner.catch_up()
+    async with engine.connect() as sa:
+        rows = await (await driver_connection(sa)).fetch(
+            "SELECT generation, status, events FROM projection_checkpoint ORDER BY generation"
+        )
+    assert [tuple(r) for r in rows] == [(2, "serving", len(log))]
+    assert projected == len(log)
+    log += await append_all(store, events[1200:])
+    assert await runner.catch_up() == len(events) - 1200  # into generation 2, in place
+    after = await assert_rebuild_equals_serving(engine)
+    expected = oracle(log)
+    got = {r["stream"]: r for r in after["proj_positions"]}
+    assert sorted(got) == sorted(expected)
+    for stream, state in expected.items():
+        assert got[stream]["realized_fifo"] == str(state.realized_fifo), stream
+        assert got[stream]["state"]["lots"] == state.to_json()["lots"], stream
+
+
 async def append_catching_up(
     store: EventStore, runner: ProjectionRunner, events: Sequence[Event], rng: random.Random
 ) -> list[tuple[int, Event]]:
