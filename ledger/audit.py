@@ -102,6 +102,12 @@ ORDER BY tx_id, global_position LIMIT $4
 _SEALS = """
 SELECT global_position, payload::text FROM events WHERE type = 'seal' ORDER BY global_position
 """
+# The seals, through their stream's index (filtering the log by type would scan it).
+_SEALS_IN_STREAM = """
+SELECT payload::text FROM events WHERE stream = 'seal/log' AND type = 'seal'
+ORDER BY stream_version
+"""
+_TX_AT = "SELECT tx_id::text::bigint FROM events WHERE global_position = $1"
 _TX_OF = """
 SELECT global_position, tx_id::text::bigint FROM events WHERE global_position = ANY($1::bigint[])
 """
@@ -500,16 +506,35 @@ async def compute_seal(conn: asyncpg.Connection) -> tuple[SealInfo, bool] | None
     "New" means anything but seals after the latest existing seal; sealing a log that
     only grew by seals would seal seals for ever.
 
+    The digest chains event by event, so it goes on from the seal that reaches
+    furthest rather than from the first event: nothing can join the log before a
+    sealed point (a seal covers only transactions older than every one running when
+    it was computed). Sealing costs the events since that seal, not the whole log. A
+    tampered prefix is not sealed over again: ``ledger verify`` recomputes every seal
+    from the first event and reports the one it breaks.
+
     Returns:
         None for an empty log.
     """
     xmin = await conn.fetchval(_XMIN)
+    last: dict[str, Any] | None = None
+    for (payload,) in await conn.fetch(_SEALS_IN_STREAM):
+        seal = orjson.loads(payload)
+        if last is None or seal["through_position"] > last["through_position"]:
+            last = seal
     last_seal = 0
-    for _position, payload in await conn.fetch(_SEALS):
-        last_seal = max(last_seal, int(orjson.loads(payload)["through_position"]))
     digest = GENESIS_HASH
     count = 0
     tx, pos = 0, 0
+    continued = False  # from the last seal: every row read comes after it
+    if last is not None:
+        last_seal = int(last["through_position"])
+        sealed_tx = await conn.fetchval(_TX_AT, last_seal)
+        if sealed_tx is not None:  # (else the event it ends at is gone: from the start)
+            digest = bytes.fromhex(last["digest"])
+            count = int(last["event_count"])
+            tx, pos = sealed_tx, last_seal
+            continued = True
     fresh = False
     while True:
         rows = await conn.fetch(_SEAL_PAGE, str(tx), pos, str(xmin), _PAGE)
@@ -518,7 +543,7 @@ async def compute_seal(conn: asyncpg.Connection) -> tuple[SealInfo, bool] | None
         for _tx, position, event_id, event_hash, kind in rows:
             digest = _seal_step(digest, position, event_id, bytes(event_hash))
             count += 1
-            if kind != "seal" and position > last_seal:
+            if kind != "seal" and (continued or position > last_seal):
                 fresh = True
         tx, pos = rows[-1][0], rows[-1][1]
     if count == 0:

@@ -300,6 +300,26 @@ def test_verify_names_a_deleted_event(cli_env: dict[str, str], db_url: str) -> N
     assert len(seals) == 1 and f"it sealed {len(LOG)} events" in seals[0]["message"]
 
 
+def test_a_later_seal_goes_on_from_the_last_and_does_not_bless_an_earlier_edit(
+    cli_env: dict[str, str], db_url: str
+) -> None:
+    seed(db_url, LOG, seal=True)
+    seed(db_url, [fill("A-6", "SELL", "1", "104", "13:00:00")])
+    assert invoke("project").exit_code == 0  # seals what is new: A-6 (after the seal)
+    code, report = verify()
+    assert (code, report["seals"], report["problems"]) == (0, 2, [])
+    # an event before both seals disappears; then more arrive and are sealed
+    superuser(db_url, f"DELETE FROM events WHERE global_position = {POSITION['A-3']}")
+    seed(db_url, [fill("A-7", "BUY", "1", "98", "14:00:00")])
+    assert invoke("project").exit_code == 0
+    code, report = verify("--no-projections")
+    assert code == 1 and report["seals"] == 3
+    # the newest seal went on from the one before it, so it breaks at the gap too: a
+    # seal computed afresh over the edited log would have matched it
+    seals = [p for p in report["problems"] if p["kind"] == "SEAL_MISMATCH"]
+    assert len(seals) == 3, seals
+
+
 def test_verify_detects_a_truncated_log_tail(cli_env: dict[str, str], db_url: str) -> None:
     seed(db_url, LOG, seal=True)
     # the last three events of the log: and the seal itself
