@@ -68,11 +68,12 @@ UPDATE projection_checkpoint SET tx_id = $2, position = $3, events = events + $4
 WHERE generation = $1
 """
 # A parallel rebuild (projections.partition). The end: the newest row of the gap-free
-# read order now (every transaction at or below it is complete).
+# read order now (every transaction at or below it is complete). ORDER BY names the
+# table's columns: bare ``tx_id`` would be the output's cast, and sort the whole log.
 LOG_HEAD = """
 SELECT tx_id::text::bigint, global_position FROM events
 WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY tx_id DESC, global_position DESC LIMIT 1
+ORDER BY events.tx_id DESC, events.global_position DESC LIMIT 1
 """
 COUNT_UPTO = """
 SELECT count(*) FROM events WHERE (tx_id, global_position) <= ($1::text::xid8, $2::bigint)
