@@ -313,11 +313,19 @@ class ProjectionRunner:
         row = await conn.fetchrow(sql.CHECKPOINT, generation)
         if row is None or (row["tx_id"], row["position"]) != (0, 0):
             return False
+        return await self._split_end(conn) is not None
+
+    async def _split_end(self, conn: asyncpg.Connection) -> Checkpoint | None:
+        """Return the log's present end if a rebuild would split the log up to it (it
+        holds at least ``partition_min_events`` events and workers are allowed)."""
+        if self.rebuild_workers < 2:
+            return None
         head = await conn.fetchrow(sql.LOG_HEAD)
         if head is None:
-            return False
-        logged: int = await conn.fetchval(sql.COUNT_UPTO, str(head[0]), head[1])
-        return logged >= self.partition_min_events
+            return None
+        end = Checkpoint(head[0], head[1])
+        logged: int = await conn.fetchval(sql.COUNT_UPTO, str(end.tx_id), end.position)
+        return end if logged >= self.partition_min_events else None
 
     async def follow(
         self,
@@ -482,15 +490,8 @@ class ProjectionRunner:
         """
         parts = await conn.fetch(sql.PARTITIONS, generation)
         if not parts:
-            if self.rebuild_workers < 2:
-                return 0
-            head = await conn.fetchrow(sql.LOG_HEAD)
-            if head is None:
-                return 0
-            end = Checkpoint(head[0], head[1])
-            if await conn.fetchval(sql.COUNT_UPTO, str(end.tx_id), end.position) < (
-                self.partition_min_events
-            ):
+            end = await self._split_end(conn)
+            if end is None:
                 return 0
             async with conn.transaction():
                 row = await sql.lock_checkpoint(conn, generation)

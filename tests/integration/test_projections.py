@@ -175,6 +175,16 @@ async def driver(engine: AsyncEngine) -> Any:
     return conn, await driver_connection(conn)
 
 
+CHECKPOINTS = "SELECT generation, status, events FROM projection_checkpoint ORDER BY generation"
+
+
+async def checkpoints(engine: AsyncEngine) -> list[tuple[int, str, int]]:
+    """Every generation's (generation, status, events projected)."""
+    async with engine.connect() as sa:
+        rows = await (await driver_connection(sa)).fetch(CHECKPOINTS)
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
 async def snapshot_serving(engine: AsyncEngine) -> dict[str, list[dict[str, Any]]]:
     async with engine.connect() as sa:
         return await serving_rows(await driver_connection(sa))
@@ -326,11 +336,7 @@ async def test_first_catch_up_of_a_long_log_rebuilds_it_split_and_equals_pure_re
     runner.rebuild_workers = 2
     runner.partition_min_events = len(log)
     projected = await runner.catch_up()
-    async with engine.connect() as sa:
-        rows = await (await driver_connection(sa)).fetch(
-            "SELECT generation, status, events FROM projection_checkpoint ORDER BY generation"
-        )
-    assert [tuple(r) for r in rows] == [(2, "serving", len(log))]
+    assert await checkpoints(engine) == [(2, "serving", len(log))]
     assert projected == len(log)
     log += await append_all(store, events[1200:])
     assert await runner.catch_up() == len(events) - 1200  # into generation 2, in place

@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 from test_projections import (
     assert_rebuild_equals_serving,
+    checkpoints,
     instruments,
     random_log,
     snapshot_serving,
@@ -71,14 +72,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-CHECKPOINTS = "SELECT generation, status, events FROM projection_checkpoint ORDER BY generation"
-
-
-async def checkpoints(engine: AsyncEngine) -> list[tuple[int, str, int]]:
-    async with engine.connect() as sa:
-        rows = await (await driver_connection(sa)).fetch(CHECKPOINTS)
-    return [(r[0], r[1], r[2]) for r in rows]
 
 
 async def count_events(engine: AsyncEngine) -> int:
