@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 from typer.testing import CliRunner
 
-from ledger.audit import append_seal
+from ledger.integrity import append_seal
 from ledger.cli import app
 from ledger.db import make_engine, plain_url
 from ledger.events import parse_event

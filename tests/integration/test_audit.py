@@ -358,7 +358,7 @@ def test_verify_runs_from_the_installed_entry_point(cli_env: dict[str, str], db_
         [
             sys.executable,
             "-c",
-            "import ledger.cli_audit; from ledger.cli import main; main()",
+            "from ledger.cli import main; main()",
             "verify",
             "--no-projections",
         ],

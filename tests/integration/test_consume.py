@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 STREAM = "LEDGER_IN"
 SUBJECT = "ledger.in.>"
-# Importing ledger.cli_live registers `consume` and `stats` even before ledger.cli does.
-BOOT = "import ledger.cli_live, ledger.cli as c; c.main()"
+# The CLI entry point, run in a child process.
+BOOT = "from ledger.cli import main; main()"
 CONTRACT = "CON.F.US.EP.H25"
 INSTRUMENT = {
     "type": "instrument",

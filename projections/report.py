@@ -26,8 +26,8 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import orjson
 
-from ledger.audit import load_stream
 from ledger.events import ReconciliationCompleted, decimal_text, event_from_stored
+from projections.audit import load_stream
 from projections.pnl import trading_day
 from projections.positions import FillEffect, replay, unrealized
 from projections.queries import instrument_grid

@@ -1,4 +1,5 @@
-"""The ``ledger`` command line (Typer + Rich).
+"""The core ``ledger`` commands: db, ingest, log, rejected, positions, pnl, history,
+project, rebuild and demo.
 
 ``--format`` always names the output format. With ``LEDGER_DATABASE_URL`` unset every
 command uses the embedded cluster under ``LEDGER_HOME``, creating, starting and
@@ -9,196 +10,53 @@ unmigrated database with an error that names ``ledger db init``.
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
-from datetime import UTC, date, datetime
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from datetime import time as dt_time
-from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import asyncpg
 import orjson
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.audit import append_seal
-from ledger.db import check_migrated, current_revision, head_revision, make_engine, migrate
+from ledger.cli.common import (
+    AsKnownAt,
+    AsOf,
+    FormatOption,
+    InputKind,
+    OutputFormat,
+    TableOrJson,
+    app,
+    clock_of,
+    database_url,
+    db_app,
+    emit_rows,
+    err,
+    open_engine,
+    out,
+    parse_day,
+    parse_time,
+    progress_bar,
+    run,
+)
+from ledger.db import current_revision, head_revision, make_engine, migrate
 from ledger.demo import DayPlan, generate_day
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
 from ledger.ingest import Ingester
-from ledger.reconcile import reconcile, record_run
+from ledger.integrity import append_seal
 from ledger.settings import Settings
 from ledger.sources import iter_file
 from ledger.store import Checkpoint, EventStore, driver_connection
 from projections import queries
-from projections.queries import Clock
+from projections.reconcile import reconcile, record_run
 from projections.runner import ProjectionRunner, parse_session
-
-__all__ = ["app", "main"]
-
-T = TypeVar("T")
-
-app = typer.Typer(
-    name="ledger",
-    help="Event-sourced position ledger: append fills, project positions and P&L, audit.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-db_app = typer.Typer(help="Create, migrate, inspect and stop the database.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
-
-out = Console(soft_wrap=True)
-if not out.is_terminal:  # files and pipes get whole rows, not an 80-column fold
-    out = Console(soft_wrap=True, width=240)
-err = Console(stderr=True)
-
-
-class OutputFormat(StrEnum):
-    table = "table"
-    json = "json"
-    csv = "csv"
-
-
-class TableOrJson(StrEnum):
-    table = "table"
-    json = "json"
-
-
-class InputKind(StrEnum):
-    auto = "auto"
-    native = "native"
-    projectx = "projectx"
-    csv = "csv"
-
-
-FormatOption = Annotated[
-    OutputFormat, typer.Option("--format", "-f", help="Output format: table, json or csv.")
-]
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine; turn the ledger's own errors into a clear message and exit 2."""
-    try:
-        return asyncio.run(coro)
-    except LedgerError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-
-
-def database_url(settings: Settings, *, init: bool = False) -> str:
-    """Return the URL to use: LEDGER_DATABASE_URL, or the embedded cluster (started)."""
-    if settings.database_url:
-        return settings.database_url
-    cluster = EmbeddedPostgres(settings.home)
-    created = cluster.init()
-    started = cluster.start()
-    if (created or started) and not init:
-        err.print(f"[dim]embedded PostgreSQL at {cluster.home} (port {cluster.port})[/]")
-    return cluster.url
-
-
-@asynccontextmanager
-async def open_engine(settings: Settings | None = None) -> AsyncIterator[AsyncEngine]:
-    """Yield an engine on a migrated database (the embedded one is migrated on first use).
-
-    Raises:
-        NotMigrated: LEDGER_DATABASE_URL names a database without the current schema.
-    """
-    settings = settings or Settings()
-    url = database_url(settings)
-    engine = make_engine(url)
-    try:
-        if not settings.database_url and await current_revision(engine) != head_revision():
-            await migrate(url)
-        await check_migrated(engine)
-        yield engine
-    finally:
-        await engine.dispose()
-
-
-def json_default(value: object) -> object:
-    """Encode decimals as strings and timestamps as ISO-8601."""
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    raise TypeError(f"cannot encode {type(value).__name__}")
-
-
-def dumps(value: object) -> str:
-    """Return ``value`` as indented JSON with exact decimals."""
-    return orjson.dumps(value, default=json_default, option=orjson.OPT_INDENT_2).decode()
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, dict | list):
-        return orjson.dumps(value, default=json_default).decode()
-    return str(value)
-
-
-def emit_rows(
-    rows: Sequence[dict[str, Any]], fmt: OutputFormat | TableOrJson, *, title: str = ""
-) -> None:
-    """Print rows as a Rich table, a JSON list, or CSV with a header."""
-    if fmt == "json":
-        print(dumps(list(rows)))
-        return
-    columns = list(rows[0]) if rows else []
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([_cell(row[c]) for c in columns])
-        sys.stdout.write(buffer.getvalue())
-        return
-    table = Table(title=title or None, show_lines=False)
-    for c in columns:
-        table.add_column(c, overflow="fold")
-    for row in rows:
-        table.add_row(*(_cell(row[c]) for c in columns))
-    if rows:
-        out.print(table)
-    else:
-        out.print(f"[dim]no {title.lower() or 'rows'}[/]")
-
-
-@contextmanager
-def progress_bar(description: str, total: float | None = None) -> Iterator[Callable[[int], None]]:
-    """Yield an ``advance(n)`` callback driving a progress bar on a terminal (else silent)."""
-    if not err.is_terminal:
-        yield lambda _n: None
-        return
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:,.0f}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
-
-
-# --------------------------------------------------------------------------- db
 
 
 @db_app.command("init")
@@ -448,53 +306,6 @@ class PnlBy(StrEnum):
     fill = "fill"
     day = "day"
     account = "account"
-
-
-def parse_time(value: str | None, option: str) -> datetime | None:
-    """Parse a CLI time: ISO-8601 (UTC when no zone is given) or a date (its end, UTC)."""
-    if value is None:
-        return None
-    try:
-        if len(value) == 10:
-            day = date.fromisoformat(value)
-            return datetime.combine(day, dt_time.max, tzinfo=UTC)
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        err.print(f"[bold red]error:[/] {option}: not an ISO-8601 time or date: {value!r}")
-        raise typer.Exit(2) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def parse_day(value: str | None, option: str) -> date | None:
-    """Parse a CLI trading day (YYYY-MM-DD)."""
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        err.print(f"[bold red]error:[/] {option}: not a date (YYYY-MM-DD): {value!r}")
-        raise typer.Exit(2) from None
-
-
-def clock_of(as_of: str | None, as_known_at: str | None) -> tuple[Clock, datetime | None]:
-    """Return which clock a query runs on, refusing both at once."""
-    if as_of and as_known_at:
-        err.print("[bold red]error:[/] give --as-of or --as-known-at, not both")
-        raise typer.Exit(2)
-    if as_of:
-        return "as_of", parse_time(as_of, "--as-of")
-    if as_known_at:
-        return "as_known_at", parse_time(as_known_at, "--as-known-at")
-    return "now", None
-
-
-AsOf = Annotated[
-    str | None,
-    typer.Option("--as-of", help="Event time: everything now known to have happened by T."),
-]
-AsKnownAt = Annotated[
-    str | None, typer.Option("--as-known-at", help="Knowledge time: only what was recorded by T.")
-]
 
 
 @asynccontextmanager
@@ -786,7 +597,7 @@ async def demo_extras(
 ) -> dict[str, Any]:
     """Reconcile the demo day against the broker's reports and write its EOD report."""
     # polars is heavy: load it only when a report is written
-    from ledger.report import build_report, write_report
+    from projections.report import build_report, write_report
 
     cutoff = datetime.combine(plan.day, dt_time(21, 0, 1), tzinfo=UTC)
     start, zone = parse_session(settings.session_start)
@@ -816,14 +627,3 @@ async def demo_extras(
     html = next((f for f in files if f.suffix == ".html"), None)
     lines.append(f"\n[bold]5. EOD report[/] {html} (+ CSV and Parquet beside it)")
     return {"lines": lines, "breaks": len(run_event.breaks), "report": html}
-
-
-def main() -> None:
-    """Run the ``ledger`` command line."""
-    app()
-
-
-# The command modules register themselves on `app`; they import from this module, so
-# they must come last.
-import ledger.cli_audit  # noqa: E402
-import ledger.cli_live  # noqa: E402, F401

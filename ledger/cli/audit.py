@@ -18,16 +18,7 @@ import asyncpg
 import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.audit import (
-    AuditError,
-    VerifyReport,
-    append_seal,
-    explain,
-    problems_as_rows,
-    trail,
-    verify,
-)
-from ledger.cli import (
+from ledger.cli.common import (
     AsKnownAt,
     AsOf,
     FormatOption,
@@ -45,7 +36,12 @@ from ledger.cli import (
     run,
 )
 from ledger.events import LogSealed, ReconciliationCompleted
-from ledger.reconcile import (
+from ledger.integrity import VerifyReport, append_seal, problems_as_rows
+from ledger.settings import Settings
+from ledger.store import EventStore, driver_connection
+from ledger.values import to_decimal
+from projections.audit import AuditError, explain, trail, verify
+from projections.reconcile import (
     BrokerStatement,
     Proposal,
     ReconciliationError,
@@ -55,9 +51,6 @@ from ledger.reconcile import (
     record_run,
     run_as_dict,
 )
-from ledger.settings import Settings
-from ledger.store import EventStore, driver_connection
-from ledger.values import to_decimal
 from projections.runner import ProjectionRunner, parse_session
 
 __all__ = [
@@ -422,7 +415,7 @@ def report_command(
     known = parse_time(as_known_at, "--as-known-at")
 
     async def _report() -> list[Path]:
-        from ledger.report import build_report, write_report  # polars only when reporting
+        from projections.report import build_report, write_report  # polars only when reporting
 
         settings = Settings()
         start, zone = parse_session(settings.session_start)

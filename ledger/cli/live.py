@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.cli import TableOrJson, app, dumps, emit_rows, err, open_engine, out, run
+from ledger.cli.common import TableOrJson, app, dumps, emit_rows, err, open_engine, out, run
 from ledger.consume import (
     DEFAULT_DURABLE,
     DEFAULT_SERVERS,
