@@ -37,7 +37,9 @@ from projections.positions import replay
 from projections.runner import ProjectionRunner
 
 ROOT = Path(__file__).resolve().parents[2]
-T0 = datetime(2026, 11, 2, 14, 0, tzinfo=UTC)
+# Three weeks ago, whenever the suite runs: inside the default 30-day history window (a
+# fixed date drifted out of it and its detail rows were compacted).
+T0 = datetime.combine(datetime.now(UTC).date() - timedelta(days=22), dt_time(14), tzinfo=UTC)
 # contract -> (tick size, tick value, base price); point values 50 and 1
 CONTRACTS = {"C.ES": ("0.25", "12.50", "5000.00"), "C.EQ": ("0.01", "0.01", "100.00")}
 
