@@ -67,7 +67,7 @@ from ledger.sources import (
     SourceRef,
     parse_message,
 )
-from ledger.store import EventStore, driver_connection
+from ledger.store import BUMP_COUNTERS_SQL, LAST_ERROR_SQL, EventStore, driver_connection
 
 __all__ = [
     "DEFAULT_DURABLE",
@@ -99,11 +99,8 @@ FIRST_BACKOFF: Final = 0.1
 _BATCH_LINGER: Final = 0.005
 _IDLE_WAIT: Final = 1.0
 
-_BUMP: Final = """
-INSERT INTO counters (name, value) SELECT * FROM unnest($1::text[], $2::bigint[])
-ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value, updated_at = now()
-"""
-_LAST_ERROR: Final = "UPDATE counters SET note = $1 WHERE name = 'consume.errors'"
+_BUMP: Final = BUMP_COUNTERS_SQL  # one statement, owned by ledger.store
+_LAST_ERROR: Final = LAST_ERROR_SQL
 
 Item = Parsed | Rejected
 

@@ -7,6 +7,8 @@ is the ledger's business, so every URL passes through :func:`async_url`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from alembic import command
@@ -16,15 +18,19 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ledger.embedded import EmbeddedPostgres
 from ledger.errors import DatabaseUnavailable, NotMigrated
+from ledger.settings import Settings
 
 __all__ = [
     "alembic_config",
     "async_url",
     "check_migrated",
+    "database_url",
     "head_revision",
     "make_engine",
     "migrate",
+    "open_engine",
 ]
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -135,3 +141,60 @@ async def check_migrated(engine: AsyncEngine) -> None:
         raise NotMigrated("the database has no ledger schema")
     if current != head:
         raise NotMigrated(f"the database schema is at revision {current}, the ledger needs {head}")
+
+
+# ------------------------------------------------------------- where the ledger lives
+
+
+def database_url(
+    settings: Settings,
+    *,
+    init: bool = False,
+    announce: Callable[[EmbeddedPostgres], None] | None = None,
+) -> str:
+    """Return the URL to use: ``LEDGER_DATABASE_URL``, or the embedded cluster (started).
+
+    The one rule for every entry point (the CLI and :class:`ledger.Ledger`): with
+    ``LEDGER_DATABASE_URL`` unset the embedded cluster under ``LEDGER_HOME`` is created
+    and started on first use.
+
+    Args:
+        settings: the ledger's settings.
+        init: the caller is ``ledger db init`` (it says where the cluster is itself).
+        announce: called with the cluster when this call created or started it.
+
+    Raises:
+        EmbeddedPostgresError: the embedded cluster cannot be created or started.
+    """
+    if settings.database_url:
+        return settings.database_url
+    cluster = EmbeddedPostgres(settings.home)
+    created = cluster.init()
+    started = cluster.start()
+    if (created or started) and not init and announce is not None:
+        announce(cluster)
+    return cluster.url
+
+
+@asynccontextmanager
+async def open_engine(
+    settings: Settings | None = None,
+    *,
+    announce: Callable[[EmbeddedPostgres], None] | None = None,
+) -> AsyncIterator[AsyncEngine]:
+    """Yield an engine on a migrated database (the embedded one is migrated on first use).
+
+    Raises:
+        NotMigrated: ``LEDGER_DATABASE_URL`` names a database without the current schema.
+        DatabaseUnavailable: the server cannot be reached.
+    """
+    settings = settings or Settings()
+    url = database_url(settings, announce=announce)
+    engine = make_engine(url)
+    try:
+        if not settings.database_url and await current_revision(engine) != head_revision():
+            await migrate(url)
+        await check_migrated(engine)
+        yield engine
+    finally:
+        await engine.dispose()

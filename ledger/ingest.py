@@ -34,31 +34,27 @@ from ledger.events import (
     fill_event_id,
 )
 from ledger.sources import Parsed, Rejected, SourceRef, parse_message
-from ledger.store import INSTRUMENTS_SQL, EventStore, driver_connection
+from ledger.store import (
+    BUMP_COUNTERS_SQL,
+    DEAD_LETTER_SQL,
+    INSTRUMENTS_SQL,
+    KNOWN_IDS_SQL,
+    PENDING_REJECTED_SQL,
+    RETRIED_SQL,
+    EventStore,
+    driver_connection,
+)
 from ledger.values import is_on_tick
 
 __all__ = ["IngestCounts", "Ingester", "RetryOutcome"]
 
 Item = Parsed | Rejected
 
-_KNOWN_IDS = "SELECT event_id::text FROM events WHERE event_id = ANY($1::uuid[])"
-_DEAD_LETTER = """
-INSERT INTO rejected (source, line, idx, raw, reason, message)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::bytea[], $5::text[], $6::text[])
-"""
-_BUMP = """
-INSERT INTO counters (name, value) SELECT * FROM unnest($1::text[], $2::bigint[])
-ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value, updated_at = now()
-"""
-_PENDING = """
-SELECT id, source, line, idx, raw, reason FROM rejected
-WHERE status = 'pending' ORDER BY id LIMIT $1
-"""
-_RETRIED = """
-UPDATE rejected SET status = $2, attempts = attempts + 1, last_retry_at = now(),
-       retry_outcome = $3
-WHERE id = $1
-"""
+_KNOWN_IDS = KNOWN_IDS_SQL
+_DEAD_LETTER = DEAD_LETTER_SQL
+_BUMP = BUMP_COUNTERS_SQL
+_PENDING = PENDING_REJECTED_SQL
+_RETRIED = RETRIED_SQL
 
 
 @dataclass

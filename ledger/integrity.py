@@ -34,7 +34,14 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.events import LogSealed, event_from_stored
-from ledger.store import GENESIS_HASH, EventStore, chain_hash, driver_connection, encode_event
+from ledger.store import (
+    GENESIS_HASH,
+    TX_AT_SQL,
+    EventStore,
+    chain_hash,
+    driver_connection,
+    encode_event,
+)
 
 __all__ = [
     "Problem",
@@ -72,7 +79,7 @@ _SEALS_IN_STREAM = """
 SELECT payload::text FROM events WHERE stream = 'seal/log' AND type = 'seal'
 ORDER BY stream_version
 """
-_TX_AT = "SELECT tx_id::text::bigint FROM events WHERE global_position = $1"
+_TX_AT = TX_AT_SQL  # owned by ledger.store
 _TX_OF = """
 SELECT global_position, tx_id::text::bigint FROM events WHERE global_position = ANY($1::bigint[])
 """

@@ -1,6 +1,10 @@
 """The event store: append, read a stream, read the whole log gap-free, wait for appends.
 
-All of the write side's SQL lives here, built once. The hot paths (append and the
+This module owns the SQL of the write side's tables (``events``, ``streams``,
+``counters``, ``rejected``), built once: the append and the gap-free read, the dead
+letters and counters that ingestion and the live feed write, and the few reads of the
+log that the read side's services (trail, explain, reconcile, report, stats) need.
+``ledger.integrity`` keeps the reads that recompute chains and seals. The hot paths (append and the
 gap-free read) run on the asyncpg connection under SQLAlchemy's pool, because a batch
 of 1,000 events must cost a handful of round trips, not 1,000.
 
@@ -39,16 +43,39 @@ from ledger.events import Event, encode_content
 from ledger.schema import NOTIFY_CHANNEL
 
 __all__ = [
+    "BUMP_COUNTERS_SQL",
+    "DEAD_LETTER_SQL",
     "GENESIS_HASH",
     "INSTRUMENTS_SQL",
+    "KNOWN_IDS_SQL",
+    "LAST_ERROR_SQL",
+    "PENDING_REJECTED_SQL",
     "READ_LIGHT_SQL",
+    "RETRIED_SQL",
+    "TX_AT_SQL",
     "AppendResult",
     "Checkpoint",
     "EventStore",
+    "LightRow",
     "StoredEvent",
+    "broker_pnl_rows",
+    "broker_report_rows",
     "chain_hash",
+    "checkpoint_at",
+    "count_events",
     "encode_event",
     "ensure_log_statistics",
+    "fill_streams",
+    "has_fills_by",
+    "latest_reconciliation",
+    "log_lag",
+    "mark_price_at",
+    "read_counters",
+    "reconciled_streams",
+    "reconciliation_run",
+    "rejected_rows",
+    "stream_fill_rows",
+    "streams_with_fills",
 ]
 
 GENESIS_HASH = b"\x00" * 32
@@ -565,3 +592,187 @@ def _encode(event: Event, event_id: str) -> _Encoded:
         occurred_at=getattr(event, "occurred_at", None),
         digest=digest,
     )
+
+
+# ------------------------------------------------------- counters and dead letters
+# Run by ledger.ingest (ingest and ``rejected --retry``) and ledger.consume (the feed).
+
+BUMP_COUNTERS_SQL = """
+INSERT INTO counters (name, value) SELECT * FROM unnest($1::text[], $2::bigint[])
+ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value, updated_at = now()
+"""
+LAST_ERROR_SQL = "UPDATE counters SET note = $1 WHERE name = 'consume.errors'"
+KNOWN_IDS_SQL = "SELECT event_id::text FROM events WHERE event_id = ANY($1::uuid[])"
+DEAD_LETTER_SQL = """
+INSERT INTO rejected (source, line, idx, raw, reason, message)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::bytea[], $5::text[], $6::text[])
+"""
+PENDING_REJECTED_SQL = """
+SELECT id, source, line, idx, raw, reason FROM rejected
+WHERE status = 'pending' ORDER BY id LIMIT $1
+"""
+RETRIED_SQL = """
+UPDATE rejected SET status = $2, attempts = attempts + 1, last_retry_at = now(),
+       retry_outcome = $3
+WHERE id = $1
+"""
+_REJECTED = """
+SELECT id, received_at, source, line, idx, reason, message, status, attempts, retry_outcome,
+       raw FROM rejected ORDER BY id
+"""
+_COUNTERS = "SELECT name, value, updated_at, note FROM counters ORDER BY name"
+
+
+async def rejected_rows(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Return every dead-lettered record, oldest first."""
+    rows: list[asyncpg.Record] = await conn.fetch(_REJECTED)
+    return rows
+
+
+async def read_counters(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Return the counters (name, value, updated_at, note), by name."""
+    rows: list[asyncpg.Record] = await conn.fetch(_COUNTERS)
+    return rows
+
+
+# ------------------------------------------------------------- positions in the log
+
+TX_AT_SQL = "SELECT tx_id::text::bigint FROM events WHERE global_position = $1"
+_COUNT_EVENTS = "SELECT count(*) FROM events"
+_LAG_AFTER = """
+SELECT count(*), extract(epoch FROM now() - min(recorded_at))::float8 FROM events
+WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
+"""
+_LAG_ALL = "SELECT count(*), extract(epoch FROM now() - min(recorded_at))::float8 FROM events"
+
+
+async def checkpoint_at(conn: asyncpg.Connection, position: int) -> Checkpoint:
+    """Return the read-order checkpoint of the event at global ``position`` (its tx id)."""
+    tx = await conn.fetchval(TX_AT_SQL, position)
+    return Checkpoint(tx or 0, position)
+
+
+async def count_events(conn: asyncpg.Connection) -> int:
+    """Return how many events the log holds."""
+    total: int = await conn.fetchval(_COUNT_EVENTS)
+    return total
+
+
+async def log_lag(conn: asyncpg.Connection, after: Checkpoint | None) -> tuple[int, float | None]:
+    """Return how many events lie after ``after`` (all, for None) and the oldest one's age."""
+    if after is None:
+        row = await conn.fetchrow(_LAG_ALL)
+    else:
+        row = await conn.fetchrow(_LAG_AFTER, str(after.tx_id), after.position)
+    return int(row[0]), row[1]
+
+
+# -------------------------------------------------- the read side's reads of the log
+# Trail and explain (projections.audit), reconciliation (projections.reconcile) and the
+# end-of-day report (projections.report) read the log through these.
+
+_STREAM_FILL_EVENTS = """
+SELECT global_position, recorded_at, payload::text FROM events
+WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
+ORDER BY global_position
+"""
+_FILL_STREAMS = "SELECT DISTINCT stream FROM events WHERE type = 'fill' ORDER BY stream"
+_RECONCILED_STREAMS = """
+SELECT DISTINCT stream FROM events
+WHERE type IN ('fill', 'broker_position') AND occurred_at <= $1
+ORDER BY stream
+"""
+_HAS_FILLS = """
+SELECT EXISTS (SELECT FROM events WHERE stream = $1 AND type = 'fill' AND occurred_at <= $2)
+"""
+_BROKER_REPORTS = """
+SELECT global_position, payload::text FROM events
+WHERE stream = $1 AND type = 'broker_position' AND occurred_at <= $2
+ORDER BY occurred_at, global_position
+"""
+_BROKER_PNL = """
+SELECT payload->>'exec_id', payload->>'broker_pnl' FROM events
+WHERE stream = $1 AND type = 'fill' AND payload->>'broker_pnl' IS NOT NULL
+ORDER BY global_position
+"""
+_RUN = """
+SELECT payload::text FROM events WHERE stream = 'reconciliation/' || $1 AND type = 'reconciliation'
+ORDER BY stream_version LIMIT 1
+"""
+_STREAMS_WITH_FILLS = """
+SELECT DISTINCT stream FROM events
+WHERE type = 'fill' AND occurred_at < $1 AND recorded_at <= $2
+ORDER BY stream
+"""
+_MARK_PRICE = """
+SELECT payload->>'price' FROM events
+WHERE stream = 'instrument/' || $1 AND type = 'mark' AND occurred_at <= $2 AND recorded_at <= $3
+ORDER BY occurred_at DESC, global_position DESC LIMIT 1
+"""
+_LATEST_RUN = """
+SELECT payload::text FROM events
+WHERE type = 'reconciliation' AND occurred_at >= $1 AND occurred_at < $2 AND recorded_at <= $3
+ORDER BY occurred_at DESC, global_position DESC LIMIT 1
+"""
+
+
+async def stream_fill_rows(conn: asyncpg.Connection, stream: str) -> list[asyncpg.Record]:
+    """Return a stream's fills, busts and corrections: (position, recorded_at, payload)."""
+    rows: list[asyncpg.Record] = await conn.fetch(_STREAM_FILL_EVENTS, stream)
+    return rows
+
+
+async def fill_streams(conn: asyncpg.Connection) -> list[str]:
+    """Return every stream that holds a fill, by name."""
+    return [r[0] for r in await conn.fetch(_FILL_STREAMS)]
+
+
+async def reconciled_streams(conn: asyncpg.Connection, cutoff: datetime) -> list[str]:
+    """Return the streams with a fill or a broker report that occurred by ``cutoff``."""
+    return [r[0] for r in await conn.fetch(_RECONCILED_STREAMS, cutoff)]
+
+
+async def has_fills_by(conn: asyncpg.Connection, stream: str, cutoff: datetime) -> bool:
+    """Return whether ``stream`` has a fill that occurred by ``cutoff``."""
+    return bool(await conn.fetchval(_HAS_FILLS, stream, cutoff))
+
+
+async def broker_report_rows(
+    conn: asyncpg.Connection, stream: str, cutoff: datetime
+) -> list[tuple[int, str]]:
+    """Return a stream's broker position reports by ``cutoff``: (position, payload)."""
+    return [(r[0], r[1]) for r in await conn.fetch(_BROKER_REPORTS, stream, cutoff)]
+
+
+async def broker_pnl_rows(conn: asyncpg.Connection, stream: str) -> list[tuple[str, str]]:
+    """Return (exec_id, broker_pnl) of a stream's fills that carry the broker's P&L."""
+    return [(r[0], r[1]) for r in await conn.fetch(_BROKER_PNL, stream)]
+
+
+async def reconciliation_run(conn: asyncpg.Connection, run_id: str) -> str | None:
+    """Return the payload of reconciliation run ``run_id``, if it is in the log."""
+    payload: str | None = await conn.fetchval(_RUN, run_id)
+    return payload
+
+
+async def streams_with_fills(
+    conn: asyncpg.Connection, before: datetime, recorded_by: datetime
+) -> list[str]:
+    """Return the streams with a fill before ``before`` recorded by ``recorded_by``."""
+    return [r[0] for r in await conn.fetch(_STREAMS_WITH_FILLS, before, recorded_by)]
+
+
+async def mark_price_at(
+    conn: asyncpg.Connection, contract: str, occurred_by: datetime, recorded_by: datetime
+) -> str | None:
+    """Return the newest mark price of ``contract`` by both times (text), if any."""
+    price: str | None = await conn.fetchval(_MARK_PRICE, contract, occurred_by, recorded_by)
+    return price
+
+
+async def latest_reconciliation(
+    conn: asyncpg.Connection, start: datetime, end: datetime, recorded_by: datetime
+) -> str | None:
+    """Return the payload of the newest reconciliation run in [start, end), if any."""
+    payload: str | None = await conn.fetchval(_LATEST_RUN, start, end, recorded_by)
+    return payload

@@ -35,6 +35,7 @@ from ledger.events import (
     event_from_stored,
 )
 from ledger.integrity import Problem, VerifyReport, verify_log
+from ledger.store import fill_streams, stream_fill_rows
 from projections.positions import (
     FillInput,
     PositionState,
@@ -45,6 +46,7 @@ from projections.positions import (
     replay,
 )
 from projections.queries import Clock, instrument_grid, serving_generation, stream_at
+from projections.store import projected_states
 
 __all__ = [
     "AuditError",
@@ -55,15 +57,6 @@ __all__ = [
 ]
 
 _ZERO = Decimal(0)
-_STREAM_EVENTS = """
-SELECT global_position, recorded_at, payload::text FROM events
-WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
-ORDER BY global_position
-"""
-_PROJECTED = """
-SELECT stream, state::text FROM proj_positions WHERE generation = $1 ORDER BY stream
-"""
-_FILL_STREAMS = "SELECT DISTINCT stream FROM events WHERE type = 'fill' ORDER BY stream"
 
 
 class AuditError(LedgerError):
@@ -106,7 +99,7 @@ async def load_stream(
         recorded_by: keep only events recorded at or before this time.
     """
     rows: list[StreamRow] = []
-    for position, recorded_at, payload in await conn.fetch(_STREAM_EVENTS, stream):
+    for position, recorded_at, payload in await stream_fill_rows(conn, stream):
         if recorded_by is not None and recorded_at > recorded_by:
             continue
         event = event_from_stored(orjson.loads(payload))
@@ -121,10 +114,16 @@ async def load_stream(
     return rows
 
 
-def _window(clock: Clock, at: datetime | None) -> tuple[datetime | None, datetime | None]:
+def _window(
+    clock: Clock, at: datetime | None, recorded_by: datetime | None = None
+) -> tuple[datetime | None, datetime | None]:
+    """Return (occurred_by, recorded_by) for ``clock`` at ``at``; ``recorded_by`` adds
+    the knowledge clock to an ``as_of`` query (both clocks at once)."""
+    if clock == "as_of":
+        return at, recorded_by
     if at is None or clock == "now":
         return None, None
-    return (at, None) if clock == "as_of" else (None, at)
+    return None, at
 
 
 def _fill_input(position: int, fill: FillRecorded) -> FillInput:
@@ -199,6 +198,7 @@ async def trail(
     *,
     clock: Clock = "now",
     at: datetime | None = None,
+    recorded_by: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """Return every event that contributed to one position, in fold order.
 
@@ -215,7 +215,7 @@ async def trail(
             instrument.
     """
     stream = f"{account}/{contract}"
-    occurred_by, recorded_by = _window(clock, at)
+    occurred_by, recorded_by = _window(clock, at, recorded_by)
     rows = await load_stream(conn, stream, occurred_by=occurred_by, recorded_by=recorded_by)
     if not rows:
         raise AuditError(f"account {account!r} contract {contract!r}: no fills in the log")
@@ -367,6 +367,7 @@ async def explain(
     *,
     clock: Clock = "as_of",
     at: datetime | None = None,
+    recorded_by: datetime | None = None,
 ) -> dict[str, Any]:
     """Return the position at ``at`` and the FIFO lots that make it up.
 
@@ -379,13 +380,15 @@ async def explain(
             instrument.
     """
     stream = f"{account}/{contract}"
-    occurred_by, recorded_by = _window(clock, at)
+    occurred_by, recorded_by = _window(clock, at, recorded_by)
     rows = await load_stream(conn, stream, occurred_by=occurred_by, recorded_by=recorded_by)
     if not any(isinstance(r.event, FillRecorded) for r in rows):
         raise AuditError(f"account {account!r} contract {contract!r}: no fills in the log")
     await _instrument(conn, contract)
     generation = await serving_generation(conn) or 0
-    view = await stream_at(conn, generation, stream, clock, at, with_effects=True)
+    view = await stream_at(
+        conn, generation, stream, clock, at, with_effects=True, recorded_by=recorded_by
+    )
     state: PositionState = view.state
     effect_of = {e.exec_id: e for e in view.effects or ()}
     origin: dict[str, StreamRow] = {}
@@ -426,6 +429,7 @@ async def explain(
         "last_fill_at": state.last_fill_at,
         "fill_count": state.fill_count,
         "lots": lots,
+        **({} if recorded_by is None else {"as_known_at": recorded_by}),
     }
 
 
@@ -461,8 +465,8 @@ async def _verify_projections(conn: asyncpg.Connection, report: VerifyReport) ->
     generation = await serving_generation(conn)
     if generation is None:
         return
-    projected = {r[0]: r[1] for r in await conn.fetch(_PROJECTED, generation)}
-    streams = [r[0] for r in await conn.fetch(_FILL_STREAMS)]
+    projected = await projected_states(conn, generation)
+    streams = await fill_streams(conn)
     for stream in sorted(set(streams) | projected.keys()):
         report.projections_checked += 1
         try:

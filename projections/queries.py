@@ -7,6 +7,9 @@ per-stream snapshots plus a replay of the stream's tail:
   whose last fill is at or before T, plus the stream's later events with fills up to T.
 - ``as_known_at`` (knowledge time): only what had been recorded by T. The newest snapshot
   built from knowledge recorded by T, plus the stream's later events recorded by T.
+- both at once (``as_of`` T1 with ``recorded_by`` T2): what we believed at T2 about T1. The
+  stream's events recorded by T2, its fills kept up to T1, replayed from the start (a
+  snapshot holds knowledge of one clock only).
 
 A tail that would restate fills inside the snapshot (a late fill before its last fill,
 or a bust or correction of an execution it holds) falls back to a full replay of the
@@ -27,7 +30,7 @@ import orjson
 
 from ledger.events import FillBusted, FillCorrected, FillRecorded, event_from_stored
 from ledger.values import point_value
-from projections.pnl import trading_day
+from projections.pnl import PnlRow, aggregate, trading_day
 from projections.positions import (
     FillEffect,
     Method,
@@ -38,11 +41,13 @@ from projections.positions import (
     replay,
     unrealized,
 )
+from projections.store import SERVING
 
 __all__ = [
     "Clock",
     "StreamView",
     "history_rows",
+    "instrument_currency",
     "instrument_grid",
     "pnl_rows",
     "position_rows",
@@ -56,7 +61,6 @@ _FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 _NO_POSITION = 2**63 - 1  # above every log position
 _SNAPSHOT_TRIES = 3  # snapshots tried, each earlier than the fill the last one restated
 
-SERVING = "SELECT generation FROM projection_checkpoint WHERE status = 'serving'"
 POSITIONS = """
 SELECT stream, account, contract, state::text FROM proj_positions
 WHERE generation = $1 AND ($2::text IS NULL OR account = $2) AND ($3::text IS NULL OR contract = $3)
@@ -175,6 +179,15 @@ async def instrument_grid(
     return point_value(Decimal(data["tick_value"]), tick_size), tick_size
 
 
+async def instrument_currency(conn: asyncpg.Connection, contract: str) -> str:
+    """Return a contract's currency from its instrument event (USD when undefined)."""
+    payload = await conn.fetchval(INSTRUMENT, contract)
+    if payload is None:
+        return "USD"
+    currency: str = orjson.loads(payload).get("currency") or "USD"
+    return currency
+
+
 async def _instrument(conn: asyncpg.Connection, contract: str) -> tuple[Decimal, Decimal]:
     grid = await instrument_grid(conn, contract)
     if grid is None:
@@ -199,11 +212,24 @@ async def stream_at(
     at: datetime | None,
     *,
     with_effects: bool = False,
+    recorded_by: datetime | None = None,
 ) -> StreamView:
-    """Return one stream's position on ``clock`` at ``at`` (snapshot + tail, exact)."""
+    """Return one stream's position on ``clock`` at ``at`` (snapshot + tail, exact).
+
+    With ``clock="as_of"`` and ``recorded_by``: both clocks at once, the position at
+    event time ``at`` from only the events recorded by ``recorded_by``.
+    """
     account, contract = stream.split("/", 1)
     point_value, tick_size = await _instrument(conn, contract)
     when = at or _FAR_FUTURE
+    if clock == "as_of" and recorded_by is not None:
+        events = [
+            (p, e)
+            for p, e in _decode(await conn.fetch(REPLAY_AS_KNOWN_AT, stream, recorded_by))
+            if not isinstance(e, FillRecorded) or e.occurred_at <= when
+        ]
+        state, effects = replay(account, contract, point_value, tick_size, events)
+        return StreamView(state, tuple(effects))
     known_at = clock == "as_known_at"
     if not with_effects:
         snap_sql = SNAPSHOT_AS_KNOWN_AT if known_at else SNAPSHOT_AS_OF
@@ -268,11 +294,15 @@ def _fold_tail(
 
 
 async def _mark(
-    conn: asyncpg.Connection, contract: str, clock: Clock, at: datetime | None
+    conn: asyncpg.Connection,
+    contract: str,
+    clock: Clock,
+    at: datetime | None,
+    recorded_by: datetime | None = None,
 ) -> Decimal | None:
     now = datetime.now(UTC)
     occurred = at if clock == "as_of" and at else (at if clock == "as_known_at" and at else now)
-    recorded = at if clock == "as_known_at" and at else _FAR_FUTURE
+    recorded = at if clock == "as_known_at" and at else (recorded_by or _FAR_FUTURE)
     row = await conn.fetchrow(MARK, contract, occurred, recorded)
     return Decimal(row[0]) if row else None
 
@@ -304,8 +334,12 @@ async def position_rows(
     clock: Clock = "now",
     at: datetime | None = None,
     include_flat: bool = False,
+    recorded_by: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Return positions (JSON-ready: decimals stay Decimal) on the given clock."""
+    """Return positions (JSON-ready: decimals stay Decimal) on the given clock.
+
+    ``recorded_by`` with ``clock="as_of"``: both clocks at once (see :func:`stream_at`).
+    """
     generation = await serving_generation(conn)
     if generation is None:
         return []
@@ -316,19 +350,16 @@ async def position_rows(
         if clock == "now":
             state = PositionState.from_json(orjson.loads(state_json))
         else:
-            state = (await stream_at(conn, generation, stream, clock, at)).state
+            view = await stream_at(conn, generation, stream, clock, at, recorded_by=recorded_by)
+            state = view.state
             if state.fill_count == 0:
                 continue  # the position did not exist yet at that time
         if state.signed_qty == 0 and not include_flat:
             continue
         if ctr not in marks:
-            marks[ctr] = await _mark(conn, ctr, clock, at)
+            marks[ctr] = await _mark(conn, ctr, clock, at, recorded_by)
         out.append(_position_row(state, method, marks[ctr]))
     return out
-
-
-def _pick(method: Method, fifo: Decimal, wac: Decimal) -> Decimal:
-    return fifo if method == "fifo" else wac
 
 
 async def pnl_rows(
@@ -343,86 +374,96 @@ async def pnl_rows(
     at: datetime | None = None,
     session_start: time | None = None,
     session_tz: ZoneInfo | None = None,
+    recorded_by: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Return realized P&L per fill, per trading day or per account."""
+    """Return realized P&L per fill, per trading day or per account.
+
+    Every row carries its currency: amounts in different currencies are never added
+    together (:func:`projections.pnl.aggregate` does the sums), so an account that
+    trades in two currencies gets one row per currency.
+    """
     generation = await serving_generation(conn)
     if generation is None:
         return []
-    raw: list[dict[str, Any]] = []
+    currencies: dict[str, str] = {}
+
+    async def currency(contract: str) -> str:
+        if contract not in currencies:
+            currencies[contract] = await instrument_currency(conn, contract)
+        return currencies[contract]
+
+    raw: list[PnlRow] = []
     if clock == "now":
         if by == "fill":
             for r in await conn.fetch(PNL_FILLS, generation, account, date_from, date_to):
                 raw.append(
-                    {
-                        "account": r["account"],
-                        "contract": r["contract"],
-                        "day": r["day"],
-                        "exec_id": r["exec_id"],
-                        "realized": _pick(method, r["realized_fifo"], r["realized_wac"]),
-                        "fees": r["fees"],
-                        "fills": 1,
-                    }
+                    PnlRow(
+                        account=r["account"],
+                        contract=r["contract"],
+                        day=r["day"],
+                        exec_id=r["exec_id"],
+                        realized_fifo=r["realized_fifo"],
+                        realized_wac=r["realized_wac"],
+                        fees=r["fees"],
+                        fills=1,
+                        currency=await currency(r["contract"]),
+                    )
                 )
         else:
             for r in await conn.fetch(PNL_DAILY, generation, account, date_from, date_to):
                 raw.append(
-                    {
-                        "account": r["account"],
-                        "contract": r["contract"],
-                        "day": r["day"],
-                        "exec_id": None,
-                        "realized": _pick(method, r["realized_fifo"], r["realized_wac"]),
-                        "fees": r["fees"],
-                        "fills": r["fills"],
-                    }
+                    PnlRow(
+                        account=r["account"],
+                        contract=r["contract"],
+                        day=r["day"],
+                        exec_id=None,
+                        realized_fifo=r["realized_fifo"],
+                        realized_wac=r["realized_wac"],
+                        fees=r["fees"],
+                        fills=r["fills"],
+                        currency=await currency(r["contract"]),
+                    )
                 )
     else:
-        for stream, _a, _c, _s in await conn.fetch(POSITIONS, generation, account, None):
-            view = await stream_at(conn, generation, stream, clock, at, with_effects=True)
+        for stream, _a, contract, _s in await conn.fetch(POSITIONS, generation, account, None):
+            view = await stream_at(
+                conn, generation, stream, clock, at, with_effects=True, recorded_by=recorded_by
+            )
             for e in view.effects or ():
                 day = trading_day(e.occurred_at, session_start, session_tz)
                 if (date_from and day < date_from) or (date_to and day > date_to):
                     continue
                 raw.append(
-                    {
-                        "account": view.state.account,
-                        "contract": view.state.contract,
-                        "day": day,
-                        "exec_id": e.exec_id,
-                        "realized": _pick(method, e.realized_fifo, e.realized_wac),
-                        "fees": e.fee,
-                        "fills": 1,
-                    }
+                    PnlRow(
+                        account=view.state.account,
+                        contract=view.state.contract,
+                        day=day,
+                        exec_id=e.exec_id,
+                        realized_fifo=e.realized_fifo,
+                        realized_wac=e.realized_wac,
+                        fees=e.fee,
+                        fills=1,
+                        currency=await currency(contract),
+                    )
                 )
-    return _group(raw, by)
+    rows = aggregate(raw, by)
+    rows.sort(key=lambda g: (g.account, g.contract or "", str(g.day or ""), g.currency))
+    return [_pnl_row(g, by, method) for g in rows]
 
 
-def _group(raw: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
-    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for r in raw:
-        if by == "fill":
-            key: tuple[Any, ...] = (r["account"], r["contract"], r["day"], r["exec_id"])
-        elif by == "day":
-            key = (r["account"], r["contract"], r["day"])
-        else:
-            key = (r["account"],)
-        g = groups.get(key)
-        if g is None:
-            g = groups[key] = {"account": r["account"]}
-            if by != "account":
-                g["contract"] = r["contract"]
-                g["day"] = r["day"]
-            if by == "fill":
-                g["exec_id"] = r["exec_id"]
-            g.update(realized_pnl=Decimal(0), fees=Decimal(0), net_realized_pnl=Decimal(0), fills=0)
-        g["realized_pnl"] += r["realized"]
-        g["fees"] += r["fees"]
-        g["net_realized_pnl"] = g["realized_pnl"] - g["fees"]
-        g["fills"] += r["fills"]
-    return sorted(
-        groups.values(),
-        key=lambda g: tuple(str(g.get(k, "")) for k in ("account", "contract", "day")),
-    )
+def _pnl_row(row: PnlRow, by: str, method: Method) -> dict[str, Any]:
+    out: dict[str, Any] = {"account": row.account}
+    if by != "account":
+        out["contract"] = row.contract
+        out["day"] = row.day
+    if by == "fill":
+        out["exec_id"] = row.exec_id
+    out["currency"] = row.currency
+    out["realized_pnl"] = row.realized(method)
+    out["fees"] = row.fees
+    out["net_realized_pnl"] = row.net_realized(method)
+    out["fills"] = row.fills
+    return out
 
 
 async def history_rows(
@@ -436,6 +477,7 @@ async def history_rows(
     at: datetime | None = None,
     session_start: time | None = None,
     session_tz: ZoneInfo | None = None,
+    recorded_by: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """Return every change of one position (detail and compacted end-of-day rows)."""
     generation = await serving_generation(conn)
@@ -464,7 +506,9 @@ async def history_rows(
             }
             for r in rows
         ]
-    view = await stream_at(conn, generation, stream, clock, at, with_effects=True)
+    view = await stream_at(
+        conn, generation, stream, clock, at, with_effects=True, recorded_by=recorded_by
+    )
     out = []
     cum_fifo = cum_wac = Decimal(0)
     for e in view.effects or ():

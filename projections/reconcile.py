@@ -59,7 +59,14 @@ from ledger.events import (
     event_from_stored,
 )
 from ledger.sources import convert_projectx
-from ledger.store import EventStore
+from ledger.store import (
+    EventStore,
+    broker_pnl_rows,
+    broker_report_rows,
+    has_fills_by,
+    reconciled_streams,
+    reconciliation_run,
+)
 from ledger.values import ID_PATTERN, to_decimal
 from projections.pnl import trading_day
 from projections.positions import FillEffect, FillInput, apply_fill, new_state
@@ -99,29 +106,6 @@ BREAK_TYPES = (
 _QTY_TYPES = frozenset({POSITION_QTY_BREAK, MISSING_AT_BROKER, MISSING_IN_LEDGER})
 _ZERO = Decimal(0)
 _LOG_SOURCE = "broker_position"
-
-_STREAMS = """
-SELECT DISTINCT stream FROM events
-WHERE type IN ('fill', 'broker_position') AND occurred_at <= $1
-ORDER BY stream
-"""
-_HAS_FILLS = """
-SELECT EXISTS (SELECT FROM events WHERE stream = $1 AND type = 'fill' AND occurred_at <= $2)
-"""
-_REPORTS = """
-SELECT global_position, payload::text FROM events
-WHERE stream = $1 AND type = 'broker_position' AND occurred_at <= $2
-ORDER BY occurred_at, global_position
-"""
-_BROKER_PNL = """
-SELECT payload->>'exec_id', payload->>'broker_pnl' FROM events
-WHERE stream = $1 AND type = 'fill' AND payload->>'broker_pnl' IS NOT NULL
-ORDER BY global_position
-"""
-_RUN = """
-SELECT payload::text FROM events WHERE stream = 'reconciliation/' || $1 AND type = 'reconciliation'
-ORDER BY stream_version LIMIT 1
-"""
 
 
 class ReconciliationError(LedgerError):
@@ -508,7 +492,7 @@ async def reconcile(
     if pnl_tolerance < 0:
         raise ReconciliationError(f"pnl_tolerance must not be negative, got {pnl_tolerance}")
     generation = await serving_generation(conn) or 0
-    streams = [r[0] for r in await conn.fetch(_STREAMS, cutoff)]
+    streams = await reconciled_streams(conn, cutoff)
     if statement is not None:
         known = set(streams)
         streams += sorted(f"{a}/{c}" for a, c in statement.lines if f"{a}/{c}" not in known)
@@ -521,10 +505,10 @@ async def reconcile(
         instrument = await instrument_grid(conn, contract)
         tick = instrument[1] if instrument else None
         tolerance = price_tolerance if price_tolerance is not None else (tick or _ZERO) / 2
-        reports = [_report(p, t) for p, t in await conn.fetch(_REPORTS, stream, cutoff)]
+        reports = [_report(p, t) for p, t in await broker_report_rows(conn, stream, cutoff)]
         effects: tuple[FillEffect, ...] = ()
         ledger_qty, ledger_avg = _ZERO, None
-        has_fills = await conn.fetchval(_HAS_FILLS, stream, cutoff)
+        has_fills = await has_fills_by(conn, stream, cutoff)
         if has_fills and instrument is None:
             raise ReconciliationError(
                 f"contract: no instrument event defines {contract!r}, so the fills of "
@@ -643,7 +627,7 @@ async def _pnl_break(
     session_tz: ZoneInfo | None,
 ) -> BreakRecord | None:
     broker_pnl: dict[str, Decimal] = {}
-    for exec_id, value in await conn.fetch(_BROKER_PNL, stream):
+    for exec_id, value in await broker_pnl_rows(conn, stream):
         broker_pnl.setdefault(exec_id, Decimal(value))
     if not broker_pnl:
         return None
@@ -749,7 +733,7 @@ async def load_run(conn: asyncpg.Connection, run_id: str) -> ReconciliationCompl
     Raises:
         ReconciliationError: no run with this id is in the log.
     """
-    payload = await conn.fetchval(_RUN, run_id)
+    payload = await reconciliation_run(conn, run_id)
     if payload is None:
         raise ReconciliationError(f"run_id: no reconciliation run {run_id!r} in the log")
     event = event_from_stored(orjson.loads(payload))

@@ -27,6 +27,7 @@ import asyncpg
 import orjson
 
 from ledger.events import ReconciliationCompleted, decimal_text, event_from_stored
+from ledger.store import latest_reconciliation, mark_price_at, streams_with_fills
 from projections.audit import load_stream
 from projections.pnl import trading_day
 from projections.positions import FillEffect, replay, unrealized
@@ -38,21 +39,6 @@ ColumnKind = Literal["str", "dec", "int", "ts", "date"]
 _ZERO = Decimal(0)
 _ONE_US = timedelta(microseconds=1)
 
-_STREAMS = """
-SELECT DISTINCT stream FROM events
-WHERE type = 'fill' AND occurred_at < $1 AND recorded_at <= $2
-ORDER BY stream
-"""
-_MARK = """
-SELECT payload->>'price' FROM events
-WHERE stream = 'instrument/' || $1 AND type = 'mark' AND occurred_at <= $2 AND recorded_at <= $3
-ORDER BY occurred_at DESC, global_position DESC LIMIT 1
-"""
-_LATEST_RUN = """
-SELECT payload::text FROM events
-WHERE type = 'reconciliation' AND occurred_at >= $1 AND occurred_at < $2 AND recorded_at <= $3
-ORDER BY occurred_at DESC, global_position DESC LIMIT 1
-"""
 _FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 
 POSITION_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
@@ -157,7 +143,7 @@ async def build_report(
     report = DayReport(day=day, start=start, end=end, as_known_at=as_known_at)
     pnl: dict[tuple[str, str], dict[str, Any]] = {}
     day_effects: list[tuple[str, str, FillEffect]] = []
-    for (stream,) in await conn.fetch(_STREAMS, end, known):
+    for stream in await streams_with_fills(conn, end, known):
         account, contract = stream.split("/", 1)
         grid = await instrument_grid(conn, contract)
         if grid is None:
@@ -172,7 +158,7 @@ async def build_report(
             continue
         realized = sum((e.realized_fifo for e in today), _ZERO)
         fees = sum((e.fee for e in today), _ZERO)
-        mark_text = await conn.fetchval(_MARK, contract, cutoff, known)
+        mark_text = await mark_price_at(conn, contract, cutoff, known)
         mark = None if mark_text is None else Decimal(mark_text)
         report.positions.append(
             {
@@ -217,7 +203,7 @@ async def build_report(
                 "cum_realized_pnl_total": total,
             }
         )
-    run_payload = await conn.fetchval(_LATEST_RUN, start, end, known)
+    run_payload = await latest_reconciliation(conn, start, end, known)
     if run_payload is not None:
         run = event_from_stored(orjson.loads(run_payload))
         assert isinstance(run, ReconciliationCompleted)

@@ -15,8 +15,11 @@ import asyncpg
 
 __all__ = [
     "HISTORY_COLUMNS",
+    "SERVING",
     "ensure_serving",
     "lock_checkpoint",
+    "projected_states",
+    "serving_checkpoint",
 ]
 
 HISTORY_COLUMNS = (
@@ -221,6 +224,33 @@ DELETE_OLD_GROUPS = """
 DELETE FROM proj_history h USING unnest($2::text[], $3::date[]) AS g(stream, day)
 WHERE h.generation = $1 AND h.stream = g.stream AND h.day = g.day
 """
+
+
+_PROJECTED = """
+SELECT stream, state::text FROM proj_positions WHERE generation = $1 ORDER BY stream
+"""
+_HAS_CHECKPOINTS = "SELECT to_regclass('projection_checkpoint') IS NOT NULL"
+_SERVING_CHECKPOINT = """
+SELECT generation, tx_id::text, position FROM projection_checkpoint WHERE status = 'serving'
+"""
+
+
+async def projected_states(conn: asyncpg.Connection, generation: int) -> dict[str, str]:
+    """Return every projected position of ``generation``: stream -> state JSON."""
+    return {r[0]: r[1] for r in await conn.fetch(_PROJECTED, generation)}
+
+
+async def serving_checkpoint(conn: asyncpg.Connection) -> tuple[int, int, int] | None:
+    """Return the serving generation and its read position (generation, tx_id, position).
+
+    None when nothing was projected yet (or the projection tables do not exist).
+    """
+    if not await conn.fetchval(_HAS_CHECKPOINTS):
+        return None
+    row = await conn.fetchrow(_SERVING_CHECKPOINT)
+    if row is None:
+        return None
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 async def ensure_serving(conn: asyncpg.Connection) -> int:

@@ -12,19 +12,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from datetime import time as dt_time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-import asyncpg
 import orjson
 import typer
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger.api import IngestCounts, Ledger, row_of
 from ledger.cli.common import (
     AsKnownAt,
     AsOf,
@@ -33,30 +30,23 @@ from ledger.cli.common import (
     OutputFormat,
     TableOrJson,
     app,
-    clock_of,
+    connect,
     database_url,
     db_app,
     emit_rows,
     err,
-    open_engine,
     out,
     parse_day,
     parse_time,
+    parse_times,
     progress_bar,
     run,
 )
+from ledger.cli.demo import DayPlan, generate_day
 from ledger.db import current_revision, head_revision, make_engine, migrate
-from ledger.demo import DayPlan, generate_day
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
-from ledger.ingest import Ingester
-from ledger.integrity import append_seal
 from ledger.settings import Settings
-from ledger.sources import iter_file
-from ledger.store import Checkpoint, EventStore, driver_connection
-from projections import queries
-from projections.reconcile import reconcile, record_run
-from projections.runner import ProjectionRunner, parse_session
 
 
 @db_app.command("init")
@@ -160,41 +150,38 @@ def ingest(
     """Validate and append records; dead-letter what cannot be appended, with its reason."""
     handles = [_open_input(p) for p in files]
 
-    async def _ingest() -> dict[str, int]:
-        async with open_engine() as engine:
-            ingester = Ingester(EventStore(engine), batch_size=batch_size)
+    async def _ingest() -> IngestCounts:
+        async with await connect() as ledger:
+            totals = IngestCounts()
             with progress_bar("ingesting") as advance:
-                totals: dict[str, int] = {}
                 for handle, name in handles:
                     try:
-                        counts = await ingester.ingest(
-                            iter_file(handle, name, input_format.value), advance
+                        totals += await ledger.ingest_file(
+                            handle,
+                            name=name,
+                            input_format=input_format.value,
+                            batch_size=batch_size,
+                            progress=advance,
                         )
                     finally:
                         if handle is not sys.stdin.buffer:
                             handle.close()
-                    for k, v in counts.as_dict().items():
-                        totals[k] = totals.get(k, 0) + v
-                    by_reason.update(counts.by_reason)
-                return totals
+            return totals
 
-    by_reason: dict[str, int] = {}
     totals = run(_ingest())
     if fmt == "json":
-        print(orjson.dumps(totals).decode())
+        print(orjson.dumps(totals.as_dict()).decode())
     else:
         out.print(
-            f"received {totals['received']}, appended {totals['appended']}, "
-            f"duplicates {totals['duplicates']}, rejected {totals['rejected']}"
+            f"received {totals.received}, appended {totals.appended}, "
+            f"duplicates {totals.duplicates}, rejected {totals.rejected}"
         )
-        if by_reason:
-            reasons = ", ".join(f"{k} {v}" for k, v in sorted(by_reason.items()))
+        if totals.by_reason:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(totals.by_reason.items()))
             err.print(f"[yellow]rejected by reason:[/] {reasons} (see `ledger rejected`)")
 
 
 # -------------------------------------------------------------------------- log
-
-_LOG_AFTER = "SELECT tx_id::text::bigint FROM events WHERE global_position = $1"
 
 
 @app.command("log")
@@ -213,20 +200,8 @@ def log_command(
     """Print events in read order."""
 
     async def _log() -> list[dict[str, Any]]:
-        async with open_engine() as engine:
-            store = EventStore(engine)
-            if stream:
-                events = [e for e in await store.read_stream(stream) if e.global_position > after][
-                    :limit
-                ]
-            else:
-                checkpoint = Checkpoint()
-                if after:
-                    async with engine.connect() as conn:
-                        driver = await driver_connection(conn)
-                        tx = await driver.fetchval(_LOG_AFTER, after)
-                    checkpoint = Checkpoint(tx or 0, after)
-                events, _ = await store.read_all(checkpoint, limit=limit)
+        async with await connect() as ledger:
+            events = await ledger.log(stream=stream, after=after, limit=limit)
         return [
             {
                 "global_position": e.global_position,
@@ -246,11 +221,6 @@ def log_command(
 
 # --------------------------------------------------------------------- rejected
 
-_REJECTED = """
-SELECT id, received_at, source, line, idx, reason, message, status, attempts, retry_outcome,
-       raw FROM rejected ORDER BY id
-"""
-
 
 @app.command()
 def rejected(
@@ -264,28 +234,26 @@ def rejected(
     """List dead-lettered records with their reasons (or retry them)."""
 
     async def _rejected() -> list[dict[str, Any]]:
-        async with open_engine() as engine:
+        async with await connect() as ledger:
             if retry:
-                outcomes = await Ingester(EventStore(engine)).retry_rejected()
+                outcomes = await ledger.retry_rejected()
                 return [{"id": o.id, "status": o.status, "outcome": o.detail} for o in outcomes]
-            async with engine.connect() as conn:
-                driver = await driver_connection(conn)
-                rows = await driver.fetch(_REJECTED)
+            records = await ledger.rejected()
         return [
             {
-                "id": r["id"],
-                "received_at": r["received_at"],
-                "source": r["source"],
-                "line": r["line"],
-                "index": r["idx"],
-                "reason": r["reason"],
-                "message": r["message"],
-                "status": r["status"],
-                "attempts": r["attempts"],
-                "retry_outcome": r["retry_outcome"],
-                "raw": bytes(r["raw"][:2000]).decode("utf-8", "backslashreplace"),
+                "id": r.id,
+                "received_at": r.received_at,
+                "source": r.source,
+                "line": r.line,
+                "index": r.index,
+                "reason": r.reason,
+                "message": r.message,
+                "status": r.status,
+                "attempts": r.attempts,
+                "retry_outcome": r.retry_outcome,
+                "raw": r.raw[:2000].decode("utf-8", "backslashreplace"),
             }
-            for r in rows
+            for r in records
         ]
 
     rows = run(_rejected())
@@ -308,16 +276,6 @@ class PnlBy(StrEnum):
     account = "account"
 
 
-@asynccontextmanager
-async def projected() -> AsyncIterator[tuple[asyncpg.Connection, Settings]]:
-    """Yield a connection on projections caught up with every committed event."""
-    settings = Settings()
-    async with open_engine(settings) as engine:
-        await ProjectionRunner(engine, settings).catch_up()
-        async with engine.connect() as conn:
-            yield await driver_connection(conn), settings
-
-
 @app.command()
 def positions(
     account: Annotated[str | None, typer.Option(help="Only this account.")] = None,
@@ -331,19 +289,19 @@ def positions(
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Show positions, realized and unrealized P&L (caught up first)."""
-    clock, at = clock_of(as_of, as_known_at)
+    at, known = parse_times(as_of, as_known_at)
 
     async def _positions() -> list[dict[str, Any]]:
-        async with projected() as (conn, _settings):
-            return await queries.position_rows(
-                conn,
+        async with await connect() as ledger:
+            rows = await ledger.positions(
                 account=account,
                 contract=contract,
                 method=method.value,
-                clock=clock,
-                at=at,
+                as_of=at,
+                as_known_at=known,
                 include_flat=include_flat,
             )
+        return [row_of(r) for r in rows]
 
     emit_rows(run(_positions()), fmt, title="Positions")
 
@@ -359,25 +317,22 @@ def pnl(
     as_known_at: AsKnownAt = None,
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
-    """Show realized P&L and fees per fill, trading day or account."""
-    clock, at = clock_of(as_of, as_known_at)
+    """Show realized P&L and fees per fill, trading day or account (one row per currency)."""
+    at, known = parse_times(as_of, as_known_at)
     first, last = parse_day(date_from, "--from"), parse_day(date_to, "--to")
 
     async def _pnl() -> list[dict[str, Any]]:
-        async with projected() as (conn, settings):
-            start, zone = parse_session(settings.session_start)
-            return await queries.pnl_rows(
-                conn,
+        async with await connect() as ledger:
+            lines = await ledger.pnl(
                 by=by.value,
                 account=account,
                 date_from=first,
                 date_to=last,
                 method=method.value,
-                clock=clock,
-                at=at,
-                session_start=start,
-                session_tz=zone,
+                as_of=at,
+                as_known_at=known,
             )
+        return [line.as_row(by.value) for line in lines]
 
     emit_rows(run(_pnl()), fmt, title="Realized P&L")
 
@@ -393,23 +348,15 @@ def history(
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Show every change of one position (older days compacted to end-of-day rows)."""
-    clock, at = clock_of(as_of, as_known_at)
+    at, known = parse_times(as_of, as_known_at)
     start, end = parse_time(time_from, "--from"), parse_time(time_to, "--to")
 
     async def _history() -> list[dict[str, Any]]:
-        async with projected() as (conn, settings):
-            session, zone = parse_session(settings.session_start)
-            return await queries.history_rows(
-                conn,
-                account=account,
-                contract=contract,
-                time_from=start,
-                time_to=end,
-                clock=clock,
-                at=at,
-                session_start=session,
-                session_tz=zone,
+        async with await connect() as ledger:
+            rows = await ledger.history(
+                account, contract, time_from=start, time_to=end, as_of=at, as_known_at=known
             )
+        return [row_of(r) for r in rows]
 
     emit_rows(run(_history()), fmt, title="Position history")
 
@@ -423,11 +370,9 @@ def project(
     """Catch the projections up with the log (and follow it with --follow)."""
 
     async def _project() -> int:
-        async with open_engine() as engine:
-            runner = ProjectionRunner(engine)
+        async with await connect() as ledger:
             with progress_bar("projecting") as advance:
-                applied = await runner.catch_up(advance)
-            await append_seal(engine)  # tamper evidence over the log as projected
+                applied = await ledger.project(advance)  # and seals the log as projected
             if not follow:
                 return applied
             stop = asyncio.Event()
@@ -435,7 +380,7 @@ def project(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             err.print("[dim]following the log; Ctrl-C to stop[/]")
-            await runner.follow(stop)
+            await ledger.follow(stop)
             return applied
 
     applied = run(_project())
@@ -455,12 +400,10 @@ def rebuild(
         raise typer.Exit(2)
 
     async def _rebuild() -> str:
-        async with open_engine() as engine:
-            async with engine.connect() as conn:
-                driver = await driver_connection(conn)
-                total = await driver.fetchval("SELECT count(*) FROM events")
+        async with await connect() as ledger:
+            total = await ledger.count_events()
             with progress_bar("rebuilding", total=total) as advance:
-                result = await ProjectionRunner(engine).rebuild(advance)
+                result = await ledger.rebuild(advance)
         rate = result.events / result.seconds if result.seconds else 0.0
         return (
             f"rebuilt generation {result.generation} from {result.events} events in "
@@ -502,24 +445,21 @@ def demo(
     out.print(f"[dim]day file: {day_file}[/]")
 
     async def _demo() -> dict[str, Any]:
-        async with open_engine(settings) as engine:
-            ingester = Ingester(EventStore(engine))
-            with day_file.open("rb") as handle, progress_bar("ingesting") as advance:
-                counts = await ingester.ingest(iter_file(handle, str(day_file)), advance)
-            runner = ProjectionRunner(engine, settings)
+        async with await connect(settings) as ledger:
+            with progress_bar("ingesting") as advance:
+                counts = await ledger.ingest_file(day_file, progress=advance)
             with progress_bar("projecting") as advance:
-                await runner.catch_up(advance)
-            async with engine.connect() as sa_conn:
-                conn = await driver_connection(sa_conn)
-                before = await queries.position_rows(conn, include_flat=True)
-                by_account = await queries.pnl_rows(
-                    conn, by="account", date_from=trading_day, date_to=trading_day
+                await ledger.project(advance, seal=False)
+            before = [row_of(p) for p in await ledger.positions(include_flat=True)]
+            by_account = [
+                line.as_row("account")
+                for line in await ledger.pnl(
+                    by="account", date_from=trading_day, date_to=trading_day
                 )
-            extra = await demo_extras(engine, plan, folder, settings)
-            rebuilt = await runner.rebuild()
-            async with engine.connect() as sa_conn:
-                conn = await driver_connection(sa_conn)
-                after = await queries.position_rows(conn, include_flat=True)
+            ]
+            extra = await demo_extras(ledger, plan, folder)
+            rebuilt = await ledger.rebuild()
+            after = [row_of(p) for p in await ledger.positions(include_flat=True)]
         return {
             "counts": counts,
             "positions": before,
@@ -592,21 +532,11 @@ def demo(
         raise typer.Exit(1)
 
 
-async def demo_extras(
-    engine: AsyncEngine, plan: DayPlan, folder: Path, settings: Settings
-) -> dict[str, Any]:
+async def demo_extras(ledger: Ledger, plan: DayPlan, folder: Path) -> dict[str, Any]:
     """Reconcile the demo day against the broker's reports and write its EOD report."""
-    # polars is heavy: load it only when a report is written
-    from projections.report import build_report, write_report
-
     cutoff = datetime.combine(plan.day, dt_time(21, 0, 1), tzinfo=UTC)
-    start, zone = parse_session(settings.session_start)
-    async with engine.connect() as sa_conn:
-        conn = await driver_connection(sa_conn)
-        result = await reconcile(conn, cutoff=cutoff, session_start=start, session_tz=zone)
-        await record_run(EventStore(engine), result.event)
-        report = await build_report(conn, plan.day, session_start=start, session_tz=zone)
-    files = write_report(report, folder)
+    result = await ledger.reconcile(cutoff=cutoff)
+    files = await ledger.write_report(plan.day, folder)
     run_event = result.event
     lines = [
         f"\n[bold]4. end-of-day reconciliation[/] at {cutoff.isoformat()}: matched "

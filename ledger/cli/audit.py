@@ -7,17 +7,14 @@ CLI module imports it at its end). Exit statuses: 0 clean; 2 a usage or input er
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
-import asyncpg
 import typer
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger.api import Verification, row_of
 from ledger.cli.common import (
     AsKnownAt,
     AsOf,
@@ -25,33 +22,26 @@ from ledger.cli.common import (
     OutputFormat,
     TableOrJson,
     app,
-    clock_of,
+    connect,
     dumps,
     emit_rows,
     err,
-    open_engine,
     out,
     parse_day,
     parse_time,
+    parse_times,
     run,
 )
 from ledger.events import LogSealed, ReconciliationCompleted
-from ledger.integrity import VerifyReport, append_seal, problems_as_rows
-from ledger.settings import Settings
-from ledger.store import EventStore, driver_connection
+from ledger.integrity import problems_as_rows
 from ledger.values import to_decimal
-from projections.audit import AuditError, explain, trail, verify
 from projections.reconcile import (
     BrokerStatement,
     Proposal,
     ReconciliationError,
-    load_run,
     parse_statement,
-    reconcile,
-    record_run,
     run_as_dict,
 )
-from projections.runner import ProjectionRunner, parse_session
 
 __all__ = [
     "explain_command",
@@ -63,15 +53,6 @@ __all__ = [
 
 EXIT_BREAKS = 3
 EXIT_TAMPERED = 1
-
-
-@asynccontextmanager
-async def _session(
-    settings: Settings,
-) -> AsyncIterator[tuple[AsyncEngine, asyncpg.Connection]]:
-    """Yield an engine and one asyncpg connection on the migrated database."""
-    async with open_engine(settings) as engine, engine.connect() as sa_conn:
-        yield engine, await driver_connection(sa_conn)
 
 
 def _decimal_option(value: str | None, option: str) -> Decimal | None:
@@ -199,24 +180,15 @@ def reconcile_command(
             raise _fail(f"--broker-file: {exc}") from None
 
     async def _reconcile() -> tuple[ReconciliationCompleted, tuple[Proposal, ...] | None]:
-        settings = Settings()
-        async with _session(settings) as (engine, conn):
+        async with await connect() as ledger:
             if show is not None:
-                return await load_run(conn, show), None
-            start, zone = parse_session(settings.session_start)
-            try:
-                result = await reconcile(
-                    conn,
-                    cutoff=at,
-                    statement=statement,
-                    price_tolerance=price_tol,
-                    pnl_tolerance=pnl_tol,
-                    session_start=start,
-                    session_tz=zone,
-                )
-            except LookupError as exc:
-                raise ReconciliationError(str(exc)) from None
-            await record_run(EventStore(engine), result.event)
+                return await ledger.reconciliation(show), None
+            result = await ledger.reconcile(
+                cutoff=at,
+                statement=statement,
+                price_tolerance=price_tol,
+                pnl_tolerance=pnl_tol,
+            )
             return result.event, result.proposals
 
     event, proposals = run(_reconcile())
@@ -254,14 +226,12 @@ def trail_command(
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Show every event that made a position, in fold order, with busts and restatements."""
-    clock, at = clock_of(as_of, as_known_at)
+    at, known = parse_times(as_of, as_known_at)
 
     async def _trail() -> list[dict[str, Any]]:
-        async with _session(Settings()) as (_engine, conn):
-            try:
-                return await trail(conn, account, contract, clock=clock, at=at)
-            except LookupError as exc:
-                raise AuditError(str(exc)) from None
+        async with await connect() as ledger:
+            entries = await ledger.trail(account, contract, as_of=at, as_known_at=known)
+        return [row_of(e) for e in entries]
 
     rows = run(_trail())
     if fmt == OutputFormat.table:
@@ -278,14 +248,16 @@ def explain_command(
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Show a position at T and the FIFO lots that make it up, each traced to its fill."""
-    clock, at = clock_of(as_of, as_known_at)
+    at, known = parse_times(as_of, as_known_at)
 
     async def _explain() -> dict[str, Any]:
-        async with _session(Settings()) as (_engine, conn):
-            try:
-                return await explain(conn, account, contract, clock=clock, at=at)
-            except LookupError as exc:
-                raise AuditError(str(exc)) from None
+        async with await connect() as ledger:
+            found = await ledger.explain(account, contract, as_of=at, as_known_at=known)
+        data = row_of(found)
+        data["lots"] = [row_of(lot) for lot in found.lots]
+        if found.as_known_at is None or found.clock == "as_known_at":
+            del data["as_known_at"]
+        return data
 
     result = run(_explain())
     lots = result.pop("lots")
@@ -333,22 +305,12 @@ def verify_command(
     Exit status 0 when the log verifies, 1 when it finds tamper evidence.
     """
 
-    async def _verify() -> tuple[VerifyReport, LogSealed | None, str | None]:
-        settings = Settings()
-        async with open_engine(settings) as engine:
-            caught_up_error = None
-            if projections:
-                try:
-                    await ProjectionRunner(engine, settings).catch_up()
-                except Exception as exc:  # a tampered log may not project at all
-                    caught_up_error = f"projections cannot catch up: {exc}"
-            async with engine.connect() as sa_conn:
-                conn = await driver_connection(sa_conn)
-                report = await verify(conn, check_projections=projections)
-            sealed = await append_seal(engine) if seal and report.ok else None
-        return report, sealed, caught_up_error
+    async def _verify() -> Verification:
+        async with await connect() as ledger:
+            return await ledger.verify(projections=projections, seal=seal)
 
-    report, sealed, caught_up_error = run(_verify())
+    report = run(_verify())
+    sealed, caught_up_error = report.sealed, report.catch_up_error
     problems = problems_as_rows(report.problems)
     if caught_up_error:
         problems.append(
@@ -415,21 +377,8 @@ def report_command(
     known = parse_time(as_known_at, "--as-known-at")
 
     async def _report() -> list[Path]:
-        from projections.report import build_report, write_report  # polars only when reporting
-
-        settings = Settings()
-        start, zone = parse_session(settings.session_start)
-        async with _session(settings) as (_engine, conn):
-            try:
-                report = await build_report(
-                    conn, trading_day, session_start=start, session_tz=zone, as_known_at=known
-                )
-            except LookupError as exc:
-                raise AuditError(str(exc)) from None
-        try:
-            return write_report(report, out_dir)
-        except OSError as exc:
-            raise AuditError(f"--out: cannot write into {str(out_dir)!r}: {exc}") from None
+        async with await connect() as ledger:
+            return await ledger.write_report(trading_day, out_dir, as_known_at=known)
 
     for path in run(_report()):
         out.print(str(path), highlight=False)

@@ -12,8 +12,8 @@ import asyncio
 import csv
 import io
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
 from datetime import UTC, date, datetime
 from datetime import time as dt_time
 from decimal import Decimal
@@ -27,11 +27,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.db import check_migrated, current_revision, head_revision, make_engine, migrate
+from ledger import db
+from ledger.api import Ledger
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
 from ledger.settings import Settings
-from projections.queries import Clock
 
 __all__ = [
     "AsKnownAt",
@@ -41,7 +41,7 @@ __all__ = [
     "OutputFormat",
     "TableOrJson",
     "app",
-    "clock_of",
+    "connect",
     "database_url",
     "db_app",
     "dumps",
@@ -52,6 +52,7 @@ __all__ = [
     "out",
     "parse_day",
     "parse_time",
+    "parse_times",
     "progress_bar",
     "run",
 ]
@@ -106,35 +107,27 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise typer.Exit(2) from None
 
 
+def _announce(cluster: EmbeddedPostgres) -> None:
+    err.print(f"[dim]embedded PostgreSQL at {cluster.home} (port {cluster.port})[/]")
+
+
 def database_url(settings: Settings, *, init: bool = False) -> str:
-    """Return the URL to use: LEDGER_DATABASE_URL, or the embedded cluster (started)."""
-    if settings.database_url:
-        return settings.database_url
-    cluster = EmbeddedPostgres(settings.home)
-    created = cluster.init()
-    started = cluster.start()
-    if (created or started) and not init:
-        err.print(f"[dim]embedded PostgreSQL at {cluster.home} (port {cluster.port})[/]")
-    return cluster.url
+    """Return the URL to use: LEDGER_DATABASE_URL, or the embedded cluster (started).
 
-
-@asynccontextmanager
-async def open_engine(settings: Settings | None = None) -> AsyncIterator[AsyncEngine]:
-    """Yield an engine on a migrated database (the embedded one is migrated on first use).
-
-    Raises:
-        NotMigrated: LEDGER_DATABASE_URL names a database without the current schema.
+    The rule is the core's (:func:`ledger.db.database_url`); the CLI says on stderr
+    when it created or started the embedded cluster.
     """
-    settings = settings or Settings()
-    url = database_url(settings)
-    engine = make_engine(url)
-    try:
-        if not settings.database_url and await current_revision(engine) != head_revision():
-            await migrate(url)
-        await check_migrated(engine)
-        yield engine
-    finally:
-        await engine.dispose()
+    return db.database_url(settings, init=init, announce=_announce)
+
+
+def open_engine(settings: Settings | None = None) -> AbstractAsyncContextManager[AsyncEngine]:
+    """Return :func:`ledger.db.open_engine` for the CLI (it announces the embedded cluster)."""
+    return db.open_engine(settings, announce=_announce)
+
+
+async def connect(settings: Settings | None = None) -> Ledger:
+    """Open the :class:`ledger.Ledger` every command works through (close it after)."""
+    return await Ledger.connect(settings=settings, announce=_announce)
 
 
 def json_default(value: object) -> object:
@@ -237,21 +230,21 @@ def parse_day(value: str | None, option: str) -> date | None:
         raise typer.Exit(2) from None
 
 
-def clock_of(as_of: str | None, as_known_at: str | None) -> tuple[Clock, datetime | None]:
-    """Return which clock a query runs on, refusing both at once."""
-    if as_of and as_known_at:
-        err.print("[bold red]error:[/] give --as-of or --as-known-at, not both")
-        raise typer.Exit(2)
-    if as_of:
-        return "as_of", parse_time(as_of, "--as-of")
-    if as_known_at:
-        return "as_known_at", parse_time(as_known_at, "--as-known-at")
-    return "now", None
+def parse_times(
+    as_of: str | None, as_known_at: str | None
+) -> tuple[datetime | None, datetime | None]:
+    """Parse ``--as-of`` and ``--as-known-at``; both at once ask what was known at the
+    second time about the first."""
+    return parse_time(as_of, "--as-of"), parse_time(as_known_at, "--as-known-at")
 
 
 AsOf = Annotated[
     str | None,
-    typer.Option("--as-of", help="Event time: everything now known to have happened by T."),
+    typer.Option(
+        "--as-of",
+        help="Event time: everything now known to have happened by T (with --as-known-at: "
+        "only what had been recorded by then).",
+    ),
 ]
 AsKnownAt = Annotated[
     str | None, typer.Option("--as-known-at", help="Knowledge time: only what was recorded by T.")

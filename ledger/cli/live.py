@@ -18,7 +18,18 @@ from typing import Annotated, Any
 import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.cli.common import TableOrJson, app, dumps, emit_rows, err, open_engine, out, run
+from ledger.api import Stats
+from ledger.cli.common import (
+    TableOrJson,
+    app,
+    connect,
+    dumps,
+    emit_rows,
+    err,
+    open_engine,
+    out,
+    run,
+)
 from ledger.consume import (
     DEFAULT_DURABLE,
     DEFAULT_SERVERS,
@@ -30,7 +41,6 @@ from ledger.consume import (
 )
 from ledger.db import make_engine
 from ledger.settings import Settings
-from ledger.store import driver_connection
 from projections.runner import ProjectionRunner
 
 __all__ = ["consume", "stats"]
@@ -277,65 +287,26 @@ def consume(
 
 # ------------------------------------------------------------------------ stats
 
-_COUNTERS = "SELECT name, value, updated_at, note FROM counters ORDER BY name"
-_HAS_CHECKPOINTS = "SELECT to_regclass('projection_checkpoint') IS NOT NULL"
-_SERVING = """
-SELECT generation, tx_id::text, position FROM projection_checkpoint WHERE status = 'serving'
-"""
-_LAG_AFTER = """
-SELECT count(*), extract(epoch FROM now() - min(recorded_at))::float8 FROM events
-WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
-"""
-_LAG_ALL = "SELECT count(*), extract(epoch FROM now() - min(recorded_at))::float8 FROM events"
 _INGEST = ("received", "appended", "duplicates", "rejected")
 
 
-async def _collect_stats(engine: AsyncEngine) -> dict[str, Any]:
-    async with engine.connect() as sa_conn:
-        conn = await driver_connection(sa_conn)
-        counters = {r["name"]: r for r in await conn.fetch(_COUNTERS)}
-        serving = None
-        if await conn.fetchval(_HAS_CHECKPOINTS):
-            serving = await conn.fetchrow(_SERVING)
-        if serving is not None:
-            generation, tx_id, position = serving
-            lag_events, seconds = await conn.fetchrow(_LAG_AFTER, tx_id, position)
-            checkpoint: dict[str, Any] | None = {
-                "generation": generation,
-                "tx_id": int(tx_id),
-                "position": position,
-            }
-        else:  # nothing projected yet: every event is behind
-            lag_events, seconds = await conn.fetchrow(_LAG_ALL)
-            checkpoint = None
-
-    def value(name: str) -> int:
-        row = counters.get(name)
-        return int(row["value"]) if row is not None else 0
-
-    ingest = {k: value(k) for k in _INGEST}
-    errors_row = counters.get("consume.errors")
+def _stats_data(stats: Stats) -> dict[str, Any]:
+    """Return the stats as ``ledger stats --format json`` prints them."""
     return {
-        **ingest,
-        "consistent": ingest["received"]
-        == ingest["appended"] + ingest["duplicates"] + ingest["rejected"],
-        "rejected_by_reason": {
-            n.removeprefix("rejected."): int(r["value"])
-            for n, r in counters.items()
-            if n.startswith("rejected.")
-        },
-        "consume": {
-            n.removeprefix("consume."): int(r["value"])
-            for n, r in counters.items()
-            if n.startswith("consume.")
-        },
+        "received": stats.received,
+        "appended": stats.appended,
+        "duplicates": stats.duplicates,
+        "rejected": stats.rejected,
+        "consistent": stats.consistent,
+        "rejected_by_reason": dict(stats.rejected_by_reason),
+        "consume": dict(stats.consume),
         "projection_lag": {
-            "events": lag_events,
-            "seconds": round(seconds, 3) if seconds is not None else 0.0,
-            "checkpoint": checkpoint,
+            "events": stats.lag_events,
+            "seconds": stats.lag_seconds,
+            "checkpoint": None if stats.checkpoint is None else dict(stats.checkpoint),
         },
-        "last_error_at": errors_row["updated_at"] if errors_row is not None else None,
-        "last_error": errors_row["note"] if errors_row is not None else None,
+        "last_error_at": stats.last_error_at,
+        "last_error": stats.last_error,
     }
 
 
@@ -347,11 +318,11 @@ def stats(
 ) -> None:
     """Show ingest counters, projection lag (events and seconds) and the last feed error."""
 
-    async def _stats() -> dict[str, Any]:
-        async with open_engine() as engine:
-            return await _collect_stats(engine)
+    async def _stats() -> Stats:
+        async with await connect() as ledger:
+            return await ledger.stats()
 
-    data = run(_stats())
+    data = _stats_data(run(_stats()))
     if fmt == "json":
         print(dumps(data))
         return
