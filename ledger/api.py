@@ -1013,3 +1013,7 @@ class SyncLedger:
     def rejected(self) -> list[RejectedRecord]:
         """See :meth:`Ledger.rejected`."""
         return self._run(self._ledger.rejected())
+
+    def log(self, **kw: Any) -> list[StoredEvent]:
+        """See :meth:`Ledger.log`."""
+        return self._run(self._ledger.log(**kw))

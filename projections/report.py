@@ -29,9 +29,9 @@ import orjson
 from ledger.events import ReconciliationCompleted, decimal_text, event_from_stored
 from ledger.store import latest_reconciliation, mark_price_at, streams_with_fills
 from projections.audit import load_stream
-from projections.pnl import trading_day
+from projections.pnl import PnlRow, aggregate, trading_day
 from projections.positions import FillEffect, replay, unrealized
-from projections.queries import instrument_grid
+from projections.queries import instrument_currency, instrument_grid
 
 __all__ = ["ColumnKind", "DayReport", "build_report", "day_bounds", "render_html", "write_report"]
 
@@ -57,6 +57,7 @@ POSITION_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
 PNL_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
     ("account", "str"),
     ("contract", "str"),
+    ("currency", "str"),
     ("realized_pnl", "dec"),
     ("fees", "dec"),
     ("net_realized_pnl", "dec"),
@@ -179,6 +180,7 @@ async def build_report(
             pnl[(account, contract)] = {
                 "account": account,
                 "contract": contract,
+                "currency": await instrument_currency(conn, contract),
                 "realized_pnl": realized,
                 "fees": fees,
                 "net_realized_pnl": realized - fees,
@@ -229,22 +231,33 @@ async def build_report(
 
 
 def account_totals(report: DayReport) -> list[dict[str, Any]]:
-    """Return realized P&L summed per account."""
-    totals: dict[str, dict[str, Any]] = {}
-    for row in report.pnl:
-        t = totals.setdefault(
-            row["account"],
-            {
-                "account": row["account"],
-                "realized_pnl": _ZERO,
-                "fees": _ZERO,
-                "net_realized_pnl": _ZERO,
-                "fills": 0,
-            },
+    """Return realized P&L summed per account and currency (never across currencies)."""
+    rows = [
+        PnlRow(
+            account=r["account"],
+            contract=r["contract"],
+            day=report.day,
+            exec_id=None,
+            realized_fifo=r["realized_pnl"],
+            realized_wac=r["realized_pnl"],
+            fees=r["fees"],
+            fills=r["fills"],
+            currency=r["currency"],
         )
-        for key in ("realized_pnl", "fees", "net_realized_pnl", "fills"):
-            t[key] += row[key]
-    return [totals[k] for k in sorted(totals)]
+        for r in report.pnl
+    ]
+    totals = sorted(aggregate(rows, "account"), key=lambda t: (t.account, t.currency))
+    return [
+        {
+            "account": t.account,
+            "currency": t.currency,
+            "realized_pnl": t.realized_fifo,
+            "fees": t.fees,
+            "net_realized_pnl": t.net_realized("fifo"),
+            "fills": t.fills,
+        }
+        for t in totals
+    ]
 
 
 # ------------------------------------------------------------------ files
