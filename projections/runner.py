@@ -868,7 +868,7 @@ class ProjectionRunner:
         generation: int,
         page: Page,
         flush: _Flush,
-        positions: list[tuple[Any, ...]],
+        positions: list[sql.PositionRow],
         progress: Callable[[int], None] | None,
     ) -> int:
         await self._write(conn, generation, page)
@@ -879,7 +879,7 @@ class ProjectionRunner:
         conn: asyncpg.Connection,
         generation: int,
         flush: _Flush,
-        positions: list[tuple[Any, ...]],
+        positions: list[sql.PositionRow],
         progress: Callable[[int], None] | None,
     ) -> int:
         """Write the flush's positions, daily P&L and checkpoint, and commit."""
@@ -896,7 +896,7 @@ class ProjectionRunner:
         conn: asyncpg.Connection,
         generation: int,
         flush: _Flush,
-        positions: list[tuple[Any, ...]],
+        positions: list[sql.PositionRow],
         end: Checkpoint,
     ) -> None:
         if positions:
@@ -1182,13 +1182,13 @@ class ProjectionRunner:
                 )
             )
 
-    def _position_rows(self, streams: set[str]) -> list[tuple[Any, ...]]:
+    def _position_rows(self, streams: set[str]) -> list[sql.PositionRow]:
         rows = []
         cache = self._cache
         for stream in sorted(streams):
             s = cache[stream]
             rows.append(
-                (
+                sql.PositionRow(
                     stream,
                     s.account,
                     s.contract,

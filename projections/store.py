@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
 __all__ = [
     "HISTORY_COLUMNS",
     "SERVING",
+    "PositionRow",
     "ensure_serving",
     "lock_checkpoint",
     "projected_states",
@@ -266,9 +267,31 @@ async def lock_checkpoint(conn: asyncpg.Connection, generation: int) -> asyncpg.
     return row
 
 
-def position_columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
-    """Transpose position rows (stream, account, ..., state) into column arrays."""
-    return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(15)]
+class PositionRow(NamedTuple):
+    """One proj_positions row as :data:`UPSERT_POSITIONS` takes it (in its column order)."""
+
+    stream: str
+    account: str
+    contract: str
+    signed_qty: Decimal
+    avg_open_price_fifo: Decimal | None
+    avg_open_price_wac: Decimal | None
+    realized_fifo: Decimal
+    realized_wac: Decimal
+    fees: Decimal
+    opened_at: datetime | None
+    closed_at: datetime | None
+    last_fill_at: datetime | None
+    fill_count: int
+    last_position: int
+    state: str
+
+
+def position_columns(rows: Sequence[PositionRow]) -> list[list[Any]]:
+    """Transpose position rows into the column arrays of :data:`UPSERT_POSITIONS`."""
+    if not rows:
+        return [[] for _ in PositionRow._fields]
+    return [list(col) for col in zip(*rows, strict=True)]
 
 
 def history_record(
