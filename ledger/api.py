@@ -65,6 +65,7 @@ from ledger.store import (
     rejected_rows,
 )
 from projections import audit, queries
+from projections.pnl import PnlRow
 from projections.positions import Method
 from projections.queries import Clock
 from projections.reconcile import (
@@ -97,6 +98,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_COUNTS = ("received", "appended", "duplicates", "rejected")
 PnlBy = Literal["fill", "day", "account"]
 Progress = Callable[[int], None]
 
@@ -141,12 +143,7 @@ class IngestCounts:
 
     def as_dict(self) -> dict[str, int]:
         """Return the four counts under their CLI/JSON names."""
-        return {
-            "received": self.received,
-            "appended": self.appended,
-            "duplicates": self.duplicates,
-            "rejected": self.rejected,
-        }
+        return {name: getattr(self, name) for name in _COUNTS}
 
     @classmethod
     def of(cls, run: _RunCounts) -> IngestCounts:
@@ -191,6 +188,21 @@ class PnlLine:
     contract: str | None = None
     day: date | None = None
     exec_id: str | None = None
+
+    @classmethod
+    def of(cls, row: PnlRow, method: Method) -> PnlLine:
+        """Return a P&L row's line under ``method`` (FIFO or WAC)."""
+        return cls(
+            account=row.account,
+            currency=row.currency,
+            realized_pnl=row.realized(method),
+            fees=row.fees,
+            net_realized_pnl=row.net_realized(method),
+            fills=row.fills,
+            contract=row.contract,
+            day=row.day,
+            exec_id=row.exec_id,
+        )
 
     def as_row(self, by: PnlBy) -> dict[str, Any]:
         """Return the line as the CLI prints it for grouping ``by``."""
@@ -652,14 +664,13 @@ class Ledger:
                 account=account,
                 date_from=date_from,
                 date_to=date_to,
-                method=method,
                 clock=clock,
                 at=at,
                 session_start=self._session_start,
                 session_tz=self._session_tz,
                 recorded_by=recorded_by,
             )
-        return [PnlLine(**r) for r in rows]
+        return [PnlLine.of(r, method) for r in rows]
 
     async def history(
         self,

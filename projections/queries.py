@@ -369,18 +369,18 @@ async def pnl_rows(
     account: str | None = None,
     date_from: date | None = None,
     date_to: date | None = None,
-    method: Method = "fifo",
     clock: Clock = "now",
     at: datetime | None = None,
     session_start: time | None = None,
     session_tz: ZoneInfo | None = None,
     recorded_by: datetime | None = None,
-) -> list[dict[str, Any]]:
-    """Return realized P&L per fill, per trading day or per account.
+) -> list[PnlRow]:
+    """Return realized P&L (FIFO and WAC) per fill, per trading day or per account.
 
     Every row carries its currency: amounts in different currencies are never added
     together (:func:`projections.pnl.aggregate` does the sums), so an account that
-    trades in two currencies gets one row per currency.
+    trades in two currencies gets one row per currency. Rows come sorted by account,
+    contract, day and currency.
     """
     generation = await serving_generation(conn)
     if generation is None:
@@ -448,22 +448,7 @@ async def pnl_rows(
                 )
     rows = aggregate(raw, by)
     rows.sort(key=lambda g: (g.account, g.contract or "", str(g.day or ""), g.currency))
-    return [_pnl_row(g, by, method) for g in rows]
-
-
-def _pnl_row(row: PnlRow, by: str, method: Method) -> dict[str, Any]:
-    out: dict[str, Any] = {"account": row.account}
-    if by != "account":
-        out["contract"] = row.contract
-        out["day"] = row.day
-    if by == "fill":
-        out["exec_id"] = row.exec_id
-    out["currency"] = row.currency
-    out["realized_pnl"] = row.realized(method)
-    out["fees"] = row.fees
-    out["net_realized_pnl"] = row.net_realized(method)
-    out["fills"] = row.fills
-    return out
+    return rows
 
 
 async def history_rows(
