@@ -38,7 +38,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Concatenate, Literal, ParamSpec, Self, TypeVar
 
 import asyncpg
 import orjson
@@ -80,6 +80,8 @@ from projections.runner import ProjectionRunner, RebuildResult, parse_session
 from projections.store import serving_checkpoint
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
     from projections.report import DayReport
 
 __all__ = [
@@ -98,14 +100,15 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 _COUNTS = ("received", "appended", "duplicates", "rejected")
 PnlBy = Literal["fill", "day", "account"]
 Progress = Callable[[int], None]
 
 
-def row_of(value: object) -> dict[str, Any]:
+def row_of(value: DataclassInstance) -> dict[str, object]:
     """Return a result dataclass as a dict in field order (what the CLI prints)."""
-    return {f.name: getattr(value, f.name) for f in fields(value)}  # type: ignore[arg-type]
+    return {f.name: getattr(value, f.name) for f in fields(value)}
 
 
 # ----------------------------------------------------------------------- results
@@ -461,7 +464,7 @@ class Ledger:
 
     async def ingest(
         self,
-        records: Iterable[Mapping[str, Any] | bytes | str],
+        records: Iterable[Mapping[str, object] | bytes | str],
         *,
         source: str = "api",
         input_format: InputFormat = "auto",
@@ -909,6 +912,21 @@ class Ledger:
 # -------------------------------------------------------------------- SyncLedger
 
 
+def _blocking(
+    method: Callable[Concatenate[Ledger, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[SyncLedger, P], T]:
+    """Return ``method`` of :class:`Ledger` as a blocking method of :class:`SyncLedger`
+    (same parameters, same result, same docstring)."""
+
+    def call(self: SyncLedger, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(method(self._ledger, *args, **kwargs))
+
+    call.__name__ = method.__name__
+    call.__qualname__ = f"SyncLedger.{method.__name__}"
+    call.__doc__ = method.__doc__
+    return call
+
+
 class SyncLedger:
     """The :class:`Ledger` API without ``await``, for scripts and notebooks.
 
@@ -965,66 +983,24 @@ class SyncLedger:
     ) -> None:
         self.close()
 
-    def ingest(self, records: Iterable[Mapping[str, Any] | bytes | str], **kw: Any) -> IngestCounts:
-        """See :meth:`Ledger.ingest`."""
-        return self._run(self._ledger.ingest(records, **kw))
-
-    def ingest_file(self, file: str | Path | BinaryIO, **kw: Any) -> IngestCounts:
-        """See :meth:`Ledger.ingest_file`."""
-        return self._run(self._ledger.ingest_file(file, **kw))
-
-    def append(self, events: Sequence[Event], **kw: Any) -> IngestCounts:
-        """See :meth:`Ledger.append`."""
-        return self._run(self._ledger.append(events, **kw))
-
-    def project(self) -> int:
-        """See :meth:`Ledger.project`."""
-        return self._run(self._ledger.project())
-
-    def rebuild(self) -> RebuildResult:
-        """See :meth:`Ledger.rebuild`."""
-        return self._run(self._ledger.rebuild())
-
-    def positions(self, **kw: Any) -> list[Position]:
-        """See :meth:`Ledger.positions`."""
-        return self._run(self._ledger.positions(**kw))
-
-    def pnl(self, **kw: Any) -> list[PnlLine]:
-        """See :meth:`Ledger.pnl`."""
-        return self._run(self._ledger.pnl(**kw))
-
-    def history(self, account: str, contract: str, **kw: Any) -> list[HistoryEntry]:
-        """See :meth:`Ledger.history`."""
-        return self._run(self._ledger.history(account, contract, **kw))
-
-    def trail(self, account: str, contract: str, **kw: Any) -> list[TrailEntry]:
-        """See :meth:`Ledger.trail`."""
-        return self._run(self._ledger.trail(account, contract, **kw))
-
-    def explain(self, account: str, contract: str, **kw: Any) -> Explanation:
-        """See :meth:`Ledger.explain`."""
-        return self._run(self._ledger.explain(account, contract, **kw))
-
-    def reconcile(self, **kw: Any) -> ReconciliationResult:
-        """See :meth:`Ledger.reconcile`."""
-        return self._run(self._ledger.reconcile(**kw))
-
-    def report(self, day: date, **kw: Any) -> DayReport:
-        """See :meth:`Ledger.report`."""
-        return self._run(self._ledger.report(day, **kw))
-
-    def verify(self, **kw: Any) -> Verification:
-        """See :meth:`Ledger.verify`."""
-        return self._run(self._ledger.verify(**kw))
-
-    def stats(self) -> Stats:
-        """See :meth:`Ledger.stats`."""
-        return self._run(self._ledger.stats())
-
-    def rejected(self) -> list[RejectedRecord]:
-        """See :meth:`Ledger.rejected`."""
-        return self._run(self._ledger.rejected())
-
-    def log(self, **kw: Any) -> list[StoredEvent]:
-        """See :meth:`Ledger.log`."""
-        return self._run(self._ledger.log(**kw))
+    ingest = _blocking(Ledger.ingest)
+    ingest_file = _blocking(Ledger.ingest_file)
+    append = _blocking(Ledger.append)
+    retry_rejected = _blocking(Ledger.retry_rejected)
+    rejected = _blocking(Ledger.rejected)
+    log = _blocking(Ledger.log)
+    project = _blocking(Ledger.project)
+    rebuild = _blocking(Ledger.rebuild)
+    count_events = _blocking(Ledger.count_events)
+    positions = _blocking(Ledger.positions)
+    pnl = _blocking(Ledger.pnl)
+    history = _blocking(Ledger.history)
+    trail = _blocking(Ledger.trail)
+    explain = _blocking(Ledger.explain)
+    reconcile = _blocking(Ledger.reconcile)
+    reconciliation = _blocking(Ledger.reconciliation)
+    report = _blocking(Ledger.report)
+    write_report = _blocking(Ledger.write_report)
+    verify = _blocking(Ledger.verify)
+    seal = _blocking(Ledger.seal)
+    stats = _blocking(Ledger.stats)
