@@ -234,3 +234,28 @@ def test_no_sql_statement_is_written_twice() -> None:
         for line, text in _sql_strings(path):
             seen[" ".join(text.split())].append(f"{name}:{line}")
     assert {sql: where for sql, where in seen.items() if len(where) > 1} == {}
+
+
+# What a command module may not reach past the API for: the store, ingestion, the
+# runner, the queries and the read-side services (``ledger consume`` runs the runner in
+# its child process, so live.py may start one).
+BEHIND_THE_API = {
+    "ledger.store",
+    "ledger.ingest",
+    "projections.queries",
+    "projections.runner",
+    "projections.audit",
+    "projections.report",
+    "projections.store",
+}
+
+
+def test_the_command_modules_go_through_the_api() -> None:
+    graph = _graph()
+    reached = {
+        name: sorted(graph.get(name, set()) & BEHIND_THE_API)
+        for name in ("ledger.cli.app", "ledger.cli.audit", "ledger.cli.common")
+    }
+    assert reached == {name: [] for name in reached}
+    assert sorted(graph["ledger.cli.live"] & BEHIND_THE_API) == ["projections.runner"]
+    assert "ledger.api" in graph["ledger.cli.app"]
