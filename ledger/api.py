@@ -456,6 +456,14 @@ class Ledger:
         async with self.engine.connect() as sa_conn:
             yield await driver_connection(sa_conn)
 
+    @asynccontextmanager
+    async def _read(self, catch_up: bool) -> AsyncIterator[asyncpg.Connection]:
+        """Yield a connection for a query, the projections caught up first if asked."""
+        if catch_up:
+            await self.runner().catch_up()
+        async with self._conn() as conn:
+            yield conn
+
     def runner(self) -> ProjectionRunner:
         """Return a projection runner on this ledger's database."""
         return ProjectionRunner(self.engine, self.settings)
@@ -629,9 +637,7 @@ class Ledger:
         """Return positions now, at event time ``as_of``, at knowledge time
         ``as_known_at``, or both (the projections are caught up first)."""
         clock, at, recorded_by = _clock(as_of, as_known_at)
-        if catch_up:
-            await self.runner().catch_up()
-        async with self._conn() as conn:
+        async with self._read(catch_up) as conn:
             rows = await queries.position_rows(
                 conn,
                 account=account,
@@ -658,9 +664,7 @@ class Ledger:
     ) -> list[PnlLine]:
         """Return realized P&L per fill, trading day or account, one line per currency."""
         clock, at, recorded_by = _clock(as_of, as_known_at)
-        if catch_up:
-            await self.runner().catch_up()
-        async with self._conn() as conn:
+        async with self._read(catch_up) as conn:
             rows = await queries.pnl_rows(
                 conn,
                 by=by,
@@ -688,9 +692,7 @@ class Ledger:
     ) -> list[HistoryEntry]:
         """Return every change of one position (older days compacted to end-of-day rows)."""
         clock, at, recorded_by = _clock(as_of, as_known_at)
-        if catch_up:
-            await self.runner().catch_up()
-        async with self._conn() as conn:
+        async with self._read(catch_up) as conn:
             rows = await queries.history_rows(
                 conn,
                 account=account,
