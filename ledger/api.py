@@ -44,7 +44,15 @@ import asyncpg
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.db import open_engine
+from ledger.db import (
+    check_migrated,
+    current_wal_lsn,
+    make_engine,
+    open_engine,
+    replay_lag,
+    retry_transient,
+    wait_for_replay,
+)
 from ledger.embedded import EmbeddedPostgres
 from ledger.events import Event, LogSealed, ReconciliationCompleted
 from ledger.ingest import IngestCounts as _RunCounts
@@ -392,6 +400,10 @@ class Ledger:
         self.settings = settings
         self.store = EventStore(engine)
         self._stack = stack
+        # LEDGER_READ_URL: a hot standby that answers the read-only queries
+        self.read_engine: AsyncEngine | None = None
+        # its replay lag when it answered the last such query (None: the primary did)
+        self.standby_lag: dict[str, object] | None = None
         self._session_start, self._session_tz = parse_session(settings.session_start)
 
     @classmethod
@@ -422,10 +434,17 @@ class Ledger:
         stack = AsyncExitStack()
         try:
             engine = await stack.enter_async_context(open_engine(settings, announce=announce))
+            read_engine = None
+            if settings.read_url:
+                read_engine = make_engine(settings.read_url, pool_size=2)
+                stack.push_async_callback(read_engine.dispose)
+                await check_migrated(read_engine)
         except BaseException:
             await stack.aclose()
             raise
-        return cls(engine, settings, stack=stack)
+        ledger = cls(engine, settings, stack=stack)
+        ledger.read_engine = read_engine
+        return ledger
 
     @classmethod
     def connect_sync(
@@ -458,11 +477,29 @@ class Ledger:
 
     @asynccontextmanager
     async def _read(self, catch_up: bool) -> AsyncIterator[asyncpg.Connection]:
-        """Yield a connection for a query, the projections caught up first if asked."""
+        """Yield a connection for a query, the projections caught up first if asked.
+
+        With ``LEDGER_READ_URL`` (:attr:`read_engine`) the connection is the standby's:
+        nothing is written there, so no catch-up runs (projections are written on the
+        primary, by ``ledger project --follow`` or the consumer's projection process)
+        and the answer is what the primary had projected as far as the standby has
+        replayed; its replay lag is kept in :attr:`standby_lag`.
+        """
+        if self.read_engine is not None:
+            async with self.read_engine.connect() as sa_conn:
+                conn = await driver_connection(sa_conn)
+                self.standby_lag = await replay_lag(conn)
+                yield conn
+            return
         if catch_up:
             await self.runner().catch_up()
         async with self._conn() as conn:
             yield conn
+
+    async def _wait_for_replay(self, conn: asyncpg.Connection) -> None:
+        """Wait until the standby behind ``conn`` has replayed the primary's present WAL."""
+        async with self._conn() as primary:
+            await wait_for_replay(conn, await current_wal_lsn(primary))
 
     def runner(self) -> ProjectionRunner:
         """Return a projection runner on this ledger's database."""
@@ -605,9 +642,12 @@ class Ledger:
         With ``seal`` (the default, as ``ledger project`` does) a seal over the log as
         projected is appended when there is something new to seal.
         """
-        applied = await self.runner().catch_up(progress)
-        if seal:
-            await append_seal(self.engine)
+        # a restart or failover midway is retried from the last page committed
+        applied = await self.runner().catch_up_retrying(progress)
+        if seal:  # a retry finds nothing new to seal
+            await retry_transient(
+                lambda: append_seal(self.engine), "sealing the log", engine=self.engine
+            )
         return applied
 
     async def follow(self, stop: asyncio.Event) -> None:
@@ -724,7 +764,7 @@ class Ledger:
             AuditError: the position has no events on this clock, or no instrument.
         """
         clock, at, recorded_by = _clock(as_of, as_known_at)
-        async with self._conn() as conn:
+        async with self._read(False) as conn:
             try:
                 rows = await audit.trail(
                     conn, account, contract, clock=clock, at=at, recorded_by=recorded_by
@@ -747,7 +787,7 @@ class Ledger:
             AuditError: the position has no fills on this clock, or no instrument.
         """
         clock, at, recorded_by = _clock(as_of, as_known_at, default="as_of")
-        async with self._conn() as conn:
+        async with self._read(False) as conn:
             try:
                 data = await audit.explain(
                     conn, account, contract, clock=clock, at=at, recorded_by=recorded_by
@@ -814,7 +854,7 @@ class Ledger:
         """
         from projections.report import build_report  # polars only when reporting
 
-        async with self._conn() as conn:
+        async with self._read(False) as conn:
             try:
                 return await build_report(
                     conn,
@@ -852,8 +892,15 @@ class Ledger:
                 await self.runner().catch_up()
             except Exception as exc:  # a tampered log may not project at all
                 catch_up_error = f"projections cannot catch up: {exc}"
-        async with self._conn() as conn:
-            report = await audit.verify(conn, check_projections=projections)
+        if self.read_engine is not None:
+            # the log and projections as the standby has them, once it has replayed
+            # what the primary had when the catch-up above ended
+            async with self._read(False) as conn:
+                await self._wait_for_replay(conn)
+                report = await audit.verify(conn, check_projections=projections)
+        else:
+            async with self._conn() as conn:
+                report = await audit.verify(conn, check_projections=projections)
         # the log's own verdict decides the seal: a seal covers the log, not projections
         sealed = await append_seal(self.engine) if seal and report.ok else None
         return Verification(

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
-import asyncpg
 import nats
 import nats.errors
 import nats.js.errors
@@ -51,12 +50,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 from nats.js.client import JetStreamContext
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import InterfaceError as SAInterfaceError
-from sqlalchemy.exc import OperationalError as SAOperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.errors import ConsumeError, DatabaseUnavailable, RejectReason
+from ledger.db import Reconnect, is_transient
+from ledger.errors import ConsumeError, RejectReason
 from ledger.ingest import IngestCounts, Ingester
 from ledger.sources import (
     MAX_RECORD_BYTES,
@@ -168,43 +165,6 @@ class _Fetched:
     msg: Msg
     sequence: int | None
     items: list[Item]
-
-
-_TRANSIENT: Final = (
-    OSError,  # refused, reset, unreachable (ConnectionError is one)
-    TimeoutError,
-    DatabaseUnavailable,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,  # the connection was closed under us
-    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
-    asyncpg.exceptions.TransactionRollbackError,  # serialization failure, deadlock
-    SAOperationalError,
-    SAInterfaceError,
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Return whether ``exc`` (or what caused it) is worth retrying unchanged.
-
-    Lost and refused connections, a server shutting down or starting up, and
-    serialization failures are; constraint violations and bad data are not.
-    """
-    todo: list[BaseException] = [exc]
-    seen: set[int] = set()
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, _TRANSIENT):
-            return True
-        if isinstance(e, DBAPIError) and e.connection_invalidated:
-            return True
-        for cause in (e.__cause__, getattr(e, "orig", None)):
-            if isinstance(cause, BaseException):
-                todo.append(cause)
-    return False
 
 
 def _describe(exc: BaseException) -> str:
@@ -490,7 +450,9 @@ class Consumer:
 
     async def _write(self, items: Sequence[Item]) -> IngestCounts:
         """Write ``items`` durably, retrying what is transient and isolating what is not."""
-        backoff = _Backoff()
+        # bounded: a database gone for longer than LEDGER_RECONNECT_TIMEOUT stops the
+        # consumer with one line (its unacknowledged messages are redelivered)
+        reconnect = Reconnect(f"writing {len(items)} records")
         while True:
             try:
                 return await self._ingester.write_batch(items)
@@ -499,7 +461,7 @@ class Consumer:
                 self._ingester = Ingester(self._store, batch_size=self.options.batch)
                 if is_transient(exc):
                     self.totals.db_retries += 1
-                    delay = backoff.next()
+                    delay = reconnect.failed(exc)
                     self._note_error(f"writing {len(items)} records (retry in {delay:.1f} s)", exc)
                     await self.engine.dispose()  # drop pooled connections to a dead server
                     await asyncio.sleep(delay)

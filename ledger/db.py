@@ -7,52 +7,170 @@ is the ledger's business, so every URL passes through :func:`async_url`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ledger.embedded import EmbeddedPostgres
-from ledger.errors import DatabaseUnavailable, NotMigrated
+from ledger.errors import DatabaseUnavailable, InvalidDatabaseURL, NotMigrated
 from ledger.settings import Settings
 
 __all__ = [
+    "DatabaseURL",
+    "Reconnect",
     "alembic_config",
     "async_url",
     "check_migrated",
+    "connect_failure",
+    "current_wal_lsn",
     "database_url",
     "head_revision",
+    "is_transient",
     "make_engine",
+    "mask_secrets",
     "migrate",
     "open_engine",
+    "plain_url",
+    "redact",
+    "replay_lag",
+    "retry_transient",
+    "wait_for_replay",
 ]
+
+T = TypeVar("T")
+log = logging.getLogger("ledger.db")
 
 _ROOT = Path(__file__).resolve().parent.parent
 _MIGRATIONS = _ROOT / "migrations"
 
 
+_SCHEMES = ("postgresql+asyncpg://", "postgresql+psycopg://", "postgresql://", "postgres://")
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseURL:
+    """A PostgreSQL URL taken apart: one host or several (a cluster), and its options.
+
+    Accepted forms: ``postgresql://user:pw@host:port/db`` (one server),
+    ``postgresql://user@h1:p1,h2:p2/db?target_session_attrs=read-write`` (libpq's
+    multi-host form: the first that answers and matches ``target_session_attrs`` is
+    used, so after a failover a new connection finds the new primary), and SQLAlchemy's
+    ``postgresql+asyncpg://user@/db?host=h1:p1&host=h2:p2`` (what an engine renders).
+    """
+
+    userinfo: str  # "user" or "user:password" (still percent-encoded), or ""
+    hosts: tuple[str, ...]  # "host:port" or "host" entries (may be empty: the default)
+    path: str  # "/dbname" or ""
+    query: tuple[tuple[str, str], ...]  # every parameter but ``host``
+
+    @classmethod
+    def parse(cls, url: str) -> DatabaseURL:
+        """Take ``url`` apart.
+
+        Raises:
+            InvalidDatabaseURL: not a postgresql:// URL (the message masks its password).
+        """
+        prefix = next((p for p in _SCHEMES if url.startswith(p)), None)
+        if prefix is None:
+            raise InvalidDatabaseURL(
+                f"LEDGER_DATABASE_URL must be a postgresql:// URL, got {redact(url)!r}"
+            )
+        rest = url[len(prefix) :]
+        rest, _, query = rest.partition("?")
+        netloc, slash, path = rest.partition("/")
+        userinfo, at, hostlist = netloc.rpartition("@")
+        if not at:
+            userinfo, hostlist = "", netloc
+        hosts = [h for h in hostlist.split(",") if h]
+        params: list[tuple[str, str]] = []
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            if key == "host" and not value.startswith("/"):
+                hosts.append(value)  # SQLAlchemy's multi-host form
+            else:
+                params.append((key, value))
+        return cls(userinfo, tuple(hosts), slash + path, tuple(params))
+
+    @property
+    def multi_host(self) -> bool:
+        """Whether the URL names more than one server."""
+        return len(self.hosts) > 1
+
+    def _query(self, extra: list[tuple[str, str]]) -> str:
+        items = extra + list(self.query)
+        return "?" + urlencode(items, safe="/:") if items else ""
+
+    def libpq(self) -> str:
+        """Return the ``postgresql://`` form (hosts comma-separated) for asyncpg and libpq."""
+        auth = f"{self.userinfo}@" if self.userinfo else ""
+        return f"postgresql://{auth}{','.join(self.hosts)}{self.path}{self._query([])}"
+
+    def sqlalchemy(self) -> str:
+        """Return the ``postgresql+asyncpg://`` form (several hosts as ``?host=``)."""
+        auth = f"{self.userinfo}@" if self.userinfo else ""
+        if not self.multi_host:
+            return f"postgresql+asyncpg://{auth}{''.join(self.hosts)}{self.path}{self._query([])}"
+        hosts = [("host", h) for h in self.hosts]
+        return f"postgresql+asyncpg://{auth}{self.path}{self._query(hosts)}"
+
+    def redacted(self) -> str:
+        """Return the libpq form with the password replaced by ``***``."""
+        return redact(self.libpq())
+
+
+def redact(url: str) -> str:
+    """Return ``url`` with any password (in the user part or a ``password=``) masked."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    before_query, q, query = rest.partition("?")
+    netloc, slash, path = before_query.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
+    if q:
+        query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", query)
+    return f"{scheme}://{netloc}{slash}{path}{q}{query}"
+
+
+def mask_secrets(text: str, url: str | None) -> str:
+    """Return ``text`` with the password of ``url`` (as written and decoded) masked."""
+    if not url:
+        return text
+    userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    for secret in {password, unquote(password)} - {""}:
+        text = text.replace(secret, "***")
+    return text
+
+
 def async_url(url: str) -> str:
-    """Return ``url`` with the asyncpg driver named (``postgresql+asyncpg://``)."""
-    for prefix in (
-        "postgresql+asyncpg://",
-        "postgresql+psycopg://",
-        "postgresql://",
-        "postgres://",
-    ):
-        if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix) :]
-    raise ValueError(f"LEDGER_DATABASE_URL must be a postgresql:// URL, got {url!r}")
+    """Return ``url`` with the asyncpg driver named (``postgresql+asyncpg://``).
+
+    Raises:
+        InvalidDatabaseURL: not a postgresql:// URL.
+    """
+    return DatabaseURL.parse(url).sqlalchemy()
 
 
 def plain_url(url: str) -> str:
     """Return ``url`` as a driver-less ``postgresql://`` URL (what asyncpg.connect takes)."""
-    return "postgresql://" + async_url(url).removeprefix("postgresql+asyncpg://")
+    return DatabaseURL.parse(url).libpq()
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
@@ -194,7 +312,255 @@ async def open_engine(
     try:
         if not settings.database_url and await current_revision(engine) != head_revision():
             await migrate(url)
-        await check_migrated(engine)
+        if DatabaseURL.parse(url).multi_host:
+            # a cluster may be between primaries right now (a failover takes seconds):
+            # wait for one, bounded, rather than fail a command started meanwhile
+            await retry_transient(
+                lambda: check_migrated(engine), "connecting to the primary", engine=engine
+            )
+        else:
+            await check_migrated(engine)
         yield engine
     finally:
         await engine.dispose()
+
+
+# ------------------------------------------------------------------ lost connections
+
+_TRANSIENT = (
+    OSError,  # refused, reset, unreachable (ConnectionError and TimeoutError included)
+    DatabaseUnavailable,
+    asyncpg.PostgresConnectionError,  # 08xxx
+    asyncpg.InterfaceError,  # the connection was closed under us
+    # A held connection that read the server's FATAL (a shutdown) before its socket
+    # closed fails with a protocol error ("cannot switch to state 12"); and no host of
+    # a multi-host URL is the primary yet (TargetServerAttributeNotMatched), mid-failover.
+    asyncpg.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,  # 57P01 admin/57P02 crash shutdown, 57P03
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.exceptions.TransactionRollbackError,  # serialization failure, deadlock
+    # a pooled connection to a primary that was demoted to a standby meanwhile
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    OperationalError,
+    SAInterfaceError,
+)
+# Failures to connect that waiting does not cure; still reported on one line.
+_REFUSED = (
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # unknown user, no hba entry
+    asyncpg.exceptions.InvalidPasswordError,
+    asyncpg.exceptions.InvalidCatalogNameError,  # no such database
+    asyncpg.exceptions.ClientConfigurationError,
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """Return ``exc`` and what caused it (``__cause__``, ``__context__``, a driver's ``orig``)."""
+    found: list[BaseException] = []
+    todo = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        found.append(e)
+        for cause in (e.__cause__, e.__context__, getattr(e, "orig", None)):
+            if isinstance(cause, BaseException):
+                todo.append(cause)
+    return found
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Return whether ``exc`` (or what caused it) is worth retrying unchanged.
+
+    The one place that says what a lost database looks like (the consumer, the
+    projection runner, ingest and the CLI ask it): lost and refused connections, a
+    server shutting down or starting up, no primary among the hosts yet (a failover),
+    a demoted primary, and serialization failures are; constraint violations and bad
+    data are not.
+    """
+    for e in _chain(exc):
+        if isinstance(e, _TRANSIENT):
+            return True
+        if isinstance(e, DBAPIError) and e.connection_invalidated:
+            return True
+    text = str(exc).lower()
+    return "connection" in text and ("closed" in text or "lost" in text or "refused" in text)
+
+
+def connect_failure(exc: BaseException, url: str | None) -> str | None:
+    """Return one line describing a failure to reach the database, or None if it is not one.
+
+    The line names the server (password masked) and the driver's reason, never a
+    traceback and never the password.
+    """
+    if not (is_transient(exc) or any(isinstance(e, _REFUSED) for e in _chain(exc))):
+        return None
+    if any(isinstance(e, asyncpg.exceptions.TransactionRollbackError) for e in _chain(exc)):
+        return None  # a serialization failure or deadlock: reached, and refused
+    root = next((e for e in _chain(exc) if isinstance(e, _REFUSED)), None)
+    if root is None:
+        root = next((e for e in _chain(exc) if isinstance(e, _TRANSIENT)), exc)
+    where = ""
+    if url:
+        try:
+            where = f" at {DatabaseURL.parse(url).redacted()}"
+        except InvalidDatabaseURL:
+            where = f" at {redact(url)}"
+    return mask_secrets(f"cannot reach the database{where}: {describe(root)}", url)
+
+
+def describe(exc: BaseException) -> str:
+    """Return ``exc`` as ``Type: first line`` (at most 500 characters)."""
+    lines = str(exc).replace("\x00", "").strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def reconnect_window() -> float:
+    """Seconds a step may keep failing to reach the database before it gives up.
+
+    ``LEDGER_RECONNECT_TIMEOUT`` (default 120): long enough for a failover (seconds) or
+    a server restart, short enough that a database that is gone is reported.
+    """
+    try:
+        return max(0.0, float(os.environ.get("LEDGER_RECONNECT_TIMEOUT", "120")))
+    except ValueError:
+        return 120.0
+
+
+class Reconnect:
+    """A bounded, logged retry: backoff 0.1 s doubling to 5 s, for at most a window.
+
+    Call :meth:`failed` with each transient failure (it returns the delay, or raises
+    :class:`DatabaseUnavailable` once the failures have lasted longer than the
+    window) and :meth:`succeeded` when the step went through.
+    """
+
+    def __init__(self, what: str, *, window: float | None = None, first: float = 0.1) -> None:
+        self.what = what
+        self.window = reconnect_window() if window is None else window
+        self.first = first
+        self.delay = first
+        self.attempts = 0
+        self.since: float | None = None
+
+    def failed(self, exc: BaseException) -> float:
+        """Log ``exc``; return the delay before the next try.
+
+        Raises:
+            DatabaseUnavailable: the step has failed for longer than the window.
+        """
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        self.attempts += 1
+        if now - self.since > self.window:
+            raise DatabaseUnavailable(
+                f"gave up {self.what} after {self.attempts} attempts in "
+                f"{now - self.since:.0f} s: {describe(exc)}"
+            ) from exc
+        delay = self.delay
+        self.delay = min(self.delay * 2, 5.0)
+        log.warning(
+            "lost the database while %s (%s); retry %d in %.1f s",
+            self.what,
+            describe(exc),
+            self.attempts,
+            delay,
+        )
+        return delay
+
+    def succeeded(self) -> None:
+        """Reset: the next failure starts a new window."""
+        if self.since is not None:
+            log.info("%s: the database is back after %d retries", self.what, self.attempts)
+        self.since = None
+        self.attempts = 0
+        self.delay = self.first
+
+
+async def retry_transient(
+    step: Callable[[], Awaitable[T]],
+    what: str,
+    *,
+    engine: AsyncEngine | None = None,
+    on_retry: Callable[[], None] | None = None,
+    window: float | None = None,
+) -> T:
+    """Run ``step`` until it succeeds, retrying transient failures (bounded, logged).
+
+    Only for steps that are safe to run again: an append of events with their ids
+    (a retry finds the committed ones as duplicates), a projection catch-up (it goes
+    on from its checkpoint). Between tries the engine's pooled connections are
+    dropped (they may point at a server that is gone) and ``on_retry`` runs.
+
+    Raises:
+        DatabaseUnavailable: the failures lasted longer than the window.
+    """
+    policy = Reconnect(what, window=window)
+    while True:
+        try:
+            result = await step()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            delay = policy.failed(exc)
+            if engine is not None:
+                try:
+                    await engine.dispose()
+                except Exception as dispose_exc:  # the pool's sockets are dead anyway
+                    log.debug("disposing the pool: %s", describe(dispose_exc))
+            if on_retry is not None:
+                on_retry()
+            await asyncio.sleep(delay)
+            continue
+        policy.succeeded()
+        return result
+
+
+# ----------------------------------------------------------------- hot standby reads
+
+# Asked on the server that answered the reads: how far its replay is behind what it
+# has received, and how old the last transaction it replayed is (the primary's commit
+# time: it also grows while the primary is idle).
+_REPLAY_LAG = """
+SELECT pg_is_in_recovery() AS in_recovery,
+       pg_last_wal_receive_lsn()::text AS received_lsn,
+       pg_last_wal_replay_lsn()::text AS replayed_lsn,
+       pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::bigint
+           AS replay_behind_bytes,
+       extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
+           AS replay_lag_seconds,
+       pg_last_xact_replay_timestamp() AS last_replayed_commit_at
+"""
+_BEHIND = """
+SELECT pg_is_in_recovery()
+       AND pg_wal_lsn_diff($1::text::pg_lsn, coalesce(pg_last_wal_replay_lsn(), '0/0')) > 0
+"""
+_CURRENT_LSN = "SELECT pg_current_wal_lsn()::text"
+
+
+async def replay_lag(conn: asyncpg.Connection) -> dict[str, object] | None:
+    """Return the replay position and lag of the server behind ``conn`` (a standby)."""
+    row = await conn.fetchrow(_REPLAY_LAG)
+    return dict(row) if row is not None else None
+
+
+async def current_wal_lsn(conn: asyncpg.Connection) -> str:
+    """Return the primary's present WAL position (``pg_current_wal_lsn``)."""
+    return str(await conn.fetchval(_CURRENT_LSN))
+
+
+async def wait_for_replay(conn: asyncpg.Connection, lsn: str, within: float = 30.0) -> None:
+    """Wait until the standby behind ``conn`` has replayed the primary's WAL up to ``lsn``.
+
+    Raises:
+        DatabaseUnavailable: it has not within ``within`` seconds.
+    """
+    deadline = asyncio.get_running_loop().time() + within
+    while await conn.fetchval(_BEHIND, lsn):
+        if asyncio.get_running_loop().time() > deadline:
+            raise DatabaseUnavailable(
+                f"the standby (LEDGER_READ_URL) has not replayed up to {lsn} in {within:.0f} s"
+            )
+        await asyncio.sleep(0.05)

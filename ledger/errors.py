@@ -10,7 +10,8 @@ Every message names the field and the value that was wrong.
     │   ├── ConcurrencyError     a stream was not at the expected version (raised at once)
     │   ├── IdempotencyConflict  an event id already holds different content
     │   ├── NotMigrated          the database has no (current) ledger schema: run `ledger db init`
-    │   └── DatabaseUnavailable  the server cannot be reached
+    │   ├── DatabaseUnavailable  the server cannot be reached
+    │   └── InvalidDatabaseURL   LEDGER_DATABASE_URL / LEDGER_READ_URL is not a postgresql:// URL
     ├── EmbeddedPostgresError    the private cluster cannot be created or started
     │   └── ServerBinariesMissing  no initdb/pg_ctl on this machine
     └── ConsumeError             the live feed cannot be set up
@@ -26,6 +27,7 @@ __all__ = [
     "DatabaseUnavailable",
     "EmbeddedPostgresError",
     "IdempotencyConflict",
+    "InvalidDatabaseURL",
     "InvalidRecord",
     "LedgerError",
     "NotMigrated",
@@ -107,6 +109,10 @@ class NotMigrated(StoreError):
 
 class DatabaseUnavailable(StoreError):
     """The PostgreSQL server cannot be reached."""
+
+
+class InvalidDatabaseURL(StoreError):
+    """A database URL that is not a postgresql:// URL (its password masked in the message)."""
 
 
 class EmbeddedPostgresError(LedgerError):

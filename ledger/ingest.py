@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from ledger.db import retry_transient
 from ledger.errors import IdempotencyConflict, RejectReason
 from ledger.events import (
     Event,
@@ -127,15 +128,35 @@ class Ingester:
         for item in items:
             batch.append(item)
             if len(batch) >= self.batch_size:
-                total.add(await self.write_batch(batch))
+                total.add(await self._write_retrying(batch))
                 if progress:
                     progress(len(batch))
                 batch = []
         if batch:
-            total.add(await self.write_batch(batch))
+            total.add(await self._write_retrying(batch))
             if progress:
                 progress(len(batch))
         return total
+
+    async def _write_retrying(self, items: Sequence[Item]) -> IngestCounts:
+        """:meth:`write_batch`, retried when the database is lost (a restart, a failover).
+
+        A batch whose commit was not acknowledged is written again: its events carry
+        their ids, so whatever did commit comes back as duplicates, never twice in the
+        log. Bounded and logged (``LEDGER_RECONNECT_TIMEOUT``); past it, one clear error.
+        """
+
+        def _forget() -> None:
+            # instruments seen in the failed batch may not have committed
+            self._instruments.clear()
+            self._loaded = False
+
+        return await retry_transient(
+            lambda: self.write_batch(items),
+            f"writing a batch of {len(items)} records",
+            engine=self.store.engine,
+            on_retry=_forget,
+        )
 
     async def write_batch(self, items: Sequence[Item]) -> IngestCounts:
         """Append the valid events and dead-letter the rest, in one transaction."""

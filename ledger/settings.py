@@ -22,6 +22,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="A plain postgresql:// URL; unset means the embedded cluster"
     )
+    read_url: str | None = Field(
+        default=None,
+        description="A hot standby for read-only queries (positions, pnl, history, trail, "
+        "explain, report, verify's reads); unset means the primary",
+    )
     home: Path = Field(default_factory=_default_home, description="The embedded cluster's home")
     history_retention_days: int = Field(default=30, ge=0)
     session_start: str | None = Field(

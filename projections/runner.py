@@ -45,6 +45,7 @@ import asyncpg
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger.db import Reconnect, is_transient, retry_transient
 from ledger.schema import NOTIFY_CHANNEL
 from ledger.settings import Settings
 from ledger.store import (
@@ -162,34 +163,6 @@ def _default_batch_size() -> int:
     return _positive_env("LEDGER_PROJECTION_BATCH", _DEFAULT_BATCH)
 
 
-_LOST = (
-    OSError,  # refused, reset, timed out (ConnectionError and TimeoutError included)
-    asyncpg.PostgresConnectionError,  # 08xxx
-    asyncpg.InterfaceError,  # the connection is closed / was lost
-    asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down
-    asyncpg.OperatorInterventionError,  # 57P01 admin shutdown, 57P02 crash shutdown
-)
-
-
-def _connection_lost(exc: BaseException) -> bool:
-    """Return whether ``exc`` (or what SQLAlchemy wrapped in it) is a lost server."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, _LOST):
-            return True
-        if getattr(current, "connection_invalidated", False):
-            return True
-        orig = getattr(current, "orig", None)
-        if isinstance(orig, BaseException) and id(orig) not in seen:
-            current = orig
-            continue
-        current = current.__cause__ or current.__context__
-    text = str(exc).lower()
-    return "connection" in text and ("closed" in text or "lost" in text or "refused" in text)
-
-
 async def _watch(
     proc: asyncio.subprocess.Process, progress: Callable[[int], None] | None
 ) -> tuple[int, str]:
@@ -305,6 +278,21 @@ class ProjectionRunner:
                 return applied
         return (await self.rebuild(progress)).events
 
+    async def catch_up_retrying(self, progress: Callable[[int], None] | None = None) -> int:
+        """:meth:`catch_up`, retried when the database is lost midway (bounded, logged).
+
+        Safe: every page commits with its checkpoint, so a retry goes on from the last
+        committed page (the in-memory states of the failed attempt are dropped). This is
+        what ``ledger project`` does before it follows, so a server restart or a
+        failover during that first catch-up is survived.
+        """
+        return await retry_transient(
+            lambda: self.catch_up(progress),
+            "catching up the projections",
+            engine=self.engine,
+            on_retry=self._forget_cache,
+        )
+
     async def _worth_a_split_rebuild(self, conn: asyncpg.Connection, generation: int) -> bool:
         """Return whether ``generation`` has projected nothing of a log long enough to
         split (see catch_up)."""
@@ -351,11 +339,12 @@ class ProjectionRunner:
         at again after ``recheck`` seconds, doubling up to ``poll_interval``, rather
         than at the next NOTIFY or poll.
         """
-        backoff = 0.2
+        # bounded: a database gone for longer than LEDGER_RECONNECT_TIMEOUT ends it
+        reconnect = Reconnect("following the log", first=0.2)
         while not stop.is_set():
             try:
                 async with self._listen() as (woken, listener), self._connections() as conns:
-                    backoff = 0.2
+                    reconnect.succeeded()
                     await self._follow_connected(
                         conns,
                         woken,
@@ -367,18 +356,15 @@ class ProjectionRunner:
             except Exception as exc:
                 # A held connection that read the server's FATAL (a shutdown) before its
                 # socket closed fails with a protocol error instead: it is as lost.
-                if not (_connection_lost(exc) or isinstance(exc, asyncpg.InternalClientError)):
+                if not is_transient(exc):
                     raise
-                log.warning(
-                    "projection runner lost the database (%s); retrying in %.1fs", exc, backoff
-                )
+                backoff = reconnect.failed(exc)  # logs it; gives up past the window
                 self._forget_cache()
                 # the server restarted or went away: every pooled connection is suspect
                 with contextlib.suppress(Exception):
                     await self.engine.dispose()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=backoff)
-                backoff = min(backoff * 2, 5.0)
 
     async def _follow_connected(
         self,
@@ -661,7 +647,7 @@ class ProjectionRunner:
                     await driver_connection(writer),
                 )
             except BaseException as exc:
-                if isinstance(exc, Exception) and _connection_lost(exc):
+                if isinstance(exc, Exception) and is_transient(exc):
                     # SQLAlchemy never saw these fail (we drive asyncpg directly): make
                     # sure the pool does not hand them out again
                     for sa_conn in (reader, aux, writer):

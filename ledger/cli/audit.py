@@ -31,6 +31,7 @@ from ledger.cli.common import (
     parse_time,
     parse_times,
     run,
+    standby,
 )
 from ledger.events import LogSealed, ReconciliationCompleted
 from ledger.integrity import problems_as_rows
@@ -262,7 +263,8 @@ def explain_command(
     result = run(_explain())
     lots = result.pop("lots")
     if fmt == OutputFormat.json:
-        print(dumps({**result, "lots": lots}))
+        extra = {} if standby.lag is None else {"standby": standby.lag}
+        print(dumps({**result, "lots": lots, **extra}))
         return
     if fmt == OutputFormat.csv:
         emit_rows(lots, fmt)
@@ -334,6 +336,7 @@ def verify_command(
                     "projections_checked": report.projections_checked,
                     "problems": problems,
                     "seal": None if sealed is None else _seal_row(sealed),
+                    **({} if standby.lag is None else {"standby": standby.lag}),
                 }
             )
         )

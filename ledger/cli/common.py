@@ -23,6 +23,7 @@ from typing import Annotated, Any, TypeVar
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -55,6 +56,7 @@ __all__ = [
     "parse_times",
     "progress_bar",
     "run",
+    "standby",
 ]
 
 T = TypeVar("T")
@@ -98,13 +100,48 @@ FormatOption = Annotated[
 ]
 
 
+class _Standby:
+    """The ledger this command opened, whose reads may have come from a standby."""
+
+    ledger: Ledger | None = None
+
+    @property
+    def lag(self) -> dict[str, object] | None:
+        """The standby's replay lag when LEDGER_READ_URL answered this command's reads."""
+        return None if self.ledger is None else self.ledger.standby_lag
+
+
+standby = _Standby()
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine; turn the ledger's own errors into a clear message and exit 2."""
+    """Run a coroutine; turn the ledger's own errors into a clear message and exit 2.
+
+    A failure to reach the database (refused, unknown user or database, a server that
+    went away and did not come back within the retry window) is one line too, never a
+    traceback; no message shows a password from the URLs.
+    """
+    settings = Settings()
+    standby.ledger = None  # set by this command's connect()
     try:
         return asyncio.run(coro)
     except LedgerError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        message = escape(_masked(str(exc), settings))
+        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except Exception as exc:
+        line = db.connect_failure(exc, settings.database_url) or db.connect_failure(
+            exc, settings.read_url
+        )
+        if line is None:
+            raise
+        message = escape(_masked(line, settings))
+        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _masked(text: str, settings: Settings) -> str:
+    return db.mask_secrets(db.mask_secrets(text, settings.database_url), settings.read_url)
 
 
 def _announce(cluster: EmbeddedPostgres) -> None:
@@ -127,7 +164,9 @@ def open_engine(settings: Settings | None = None) -> AbstractAsyncContextManager
 
 async def connect(settings: Settings | None = None) -> Ledger:
     """Open the :class:`ledger.Ledger` every command works through (close it after)."""
-    return await Ledger.connect(settings=settings, announce=_announce)
+    ledger = await Ledger.connect(settings=settings, announce=_announce)
+    standby.ledger = ledger
+    return ledger
 
 
 def json_default(value: object) -> object:
@@ -161,7 +200,10 @@ def emit_rows(
 ) -> None:
     """Print rows as a Rich table, a JSON list, or CSV with a header."""
     if fmt == "json":
-        print(dumps(list(rows)))
+        if standby.lag is not None:  # read from a standby: say how far behind it was
+            print(dumps({"rows": list(rows), "standby": standby.lag}))
+        else:
+            print(dumps(list(rows)))
         return
     columns = list(rows[0]) if rows else []
     if fmt == "csv":
