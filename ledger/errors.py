@@ -6,6 +6,7 @@ Every message names the field and the value that was wrong.
 
     LedgerError
     ├── InvalidRecord            bad input; carries a RejectReason, the field and the value
+    │   └── EventRejected        the store refused an event of a batch: nothing appended
     ├── StoreError               the event store refused or could not do something
     │   ├── ConcurrencyError     a stream was not at the expected version (raised at once)
     │   ├── IdempotencyConflict  an event id already holds different content
@@ -26,6 +27,7 @@ __all__ = [
     "ConsumeError",
     "DatabaseUnavailable",
     "EmbeddedPostgresError",
+    "EventRejected",
     "IdempotencyConflict",
     "InvalidDatabaseURL",
     "InvalidRecord",
@@ -47,6 +49,7 @@ class RejectReason(StrEnum):
     OFF_TICK_PRICE = "OFF_TICK_PRICE"
     UNKNOWN_INSTRUMENT = "UNKNOWN_INSTRUMENT"
     UNKNOWN_EXECUTION = "UNKNOWN_EXECUTION"
+    OFF_SIZE_INCREMENT = "OFF_SIZE_INCREMENT"
     IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
     RECORD_TOO_LARGE = "RECORD_TOO_LARGE"
 
@@ -62,6 +65,15 @@ class InvalidRecord(LedgerError):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+
+
+class EventRejected(InvalidRecord):
+    """The store refused one event of a batch; nothing of the batch was appended."""
+
+    def __init__(self, reason: RejectReason, message: str, index: int, event_id: str) -> None:
+        super().__init__(reason, f"event {index} of the batch ({event_id}): {message}")
+        self.index = index
+        self.event_id = event_id
 
 
 class StoreError(LedgerError):

@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    model_validator,
 )
 
 from ledger.errors import InvalidRecord, RejectReason
@@ -43,6 +44,7 @@ from ledger.values import (
     Quantity,
     Side,
     SignedQuantity,
+    check_point_value,
     point_value,
 )
 
@@ -70,8 +72,21 @@ __all__ = [
     "parse_event",
 ]
 
+_ONE = Decimal(1)
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 _ID_NAMESPACE = uuid.UUID("5b0c2f8e-6c1a-4d1e-9a57-3f6e2d8b9c01")
 RESERVED_ACCOUNTS = frozenset({"instrument", "reconciliation", "seal"})
+
+
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+"""Timestamps before this are refused (no execution happened then; year 1 overflows)."""
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+"""Timestamps at or after this are refused."""
 
 
 def _aware_utc(value: object) -> datetime:
@@ -88,7 +103,16 @@ def _aware_utc(value: object) -> datetime:
         raise ValueError(f"expected an ISO-8601 timestamp string, got {type(value).__name__}")
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise ValueError(f"timestamp {value!s} has no time zone (naive timestamps are refused)")
-    return parsed.astimezone(UTC)
+    try:
+        utc = parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 has no UTC time a datetime holds
+        utc = None
+    if utc is None or not EARLIEST <= utc < LATEST:
+        raise ValueError(
+            f"timestamp {value!s} is out of range (from {EARLIEST.date()} to before "
+            f"{LATEST.date()}, UTC)"
+        )
+    return utc
 
 
 Timestamp = Annotated[datetime, BeforeValidator(_aware_utc)]
@@ -165,7 +189,12 @@ class _EventBase(BaseModel):
 
 
 class InstrumentDefined(_EventBase):
-    """A contract's tick grid and value: point value = tick value / tick size."""
+    """A contract's tick grid and value: point value = tick value / tick size.
+
+    ``size_increment`` is the granularity of a fill's quantity: a futures contract
+    trades in whole contracts, the default (None means 1, and keeps the payload of an
+    instrument defined before the field existed unchanged).
+    """
 
     type: Literal["instrument"] = "instrument"
     contract: ContractId
@@ -173,6 +202,12 @@ class InstrumentDefined(_EventBase):
     tick_value: PositiveDecimal
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
     occurred_at: Timestamp | None = None
+    size_increment: Annotated[PositiveDecimal | None, Field(exclude_if=_is_none)] = None
+
+    @model_validator(mode="after")
+    def _carried_exactly(self) -> InstrumentDefined:
+        check_point_value(self.tick_value, self.tick_size)
+        return self
 
     @property
     def stream(self) -> str:
@@ -185,6 +220,11 @@ class InstrumentDefined(_EventBase):
     def point_value(self) -> Decimal:
         """Return the money value of one whole point of price."""
         return point_value(self.tick_value, self.tick_size)
+
+    @property
+    def quantity_step(self) -> Decimal:
+        """Return the size increment a fill's quantity must be a multiple of."""
+        return _ONE if self.size_increment is None else self.size_increment
 
 
 class FillRecorded(_EventBase):
@@ -504,7 +544,15 @@ def encode_content(event: _EventBase) -> tuple[str, bytes]:
                 orjson.dumps(canonical_value(data), option=orjson.OPT_SORT_KEYS),
             )
     del payload["schema_version"], canonical["schema_version"]  # a column, not content
+    for key in _OMITTED_WHEN_NONE:  # fields added later: absent means the default
+        if key in payload and payload[key] is None:
+            del payload[key], canonical[key]
     return orjson.dumps(payload).decode(), orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
+
+
+# Fields added after the first release: None is the default and stays out of the
+# payload (``exclude_if``), so the content digest of an older event does not change.
+_OMITTED_WHEN_NONE = ("size_increment",)
 
 
 def _json_default(value: object) -> object:

@@ -4,11 +4,14 @@ A batch is written in one transaction: its valid events are appended and its rej
 records are dead-lettered together, so a crash loses neither and a caller (the CLI, the
 live consumer) may acknowledge its input once :meth:`Ingester.write_batch` returns.
 
-Beyond what a single record can show, a fill is checked against the log: its contract
-must have an ``instrument`` event (``UNKNOWN_INSTRUMENT``) and its price must lie on
-that instrument's tick grid (``OFF_TICK_PRICE``, never rounded); a bust or correction
-must name an execution the log has (``UNKNOWN_EXECUTION``). Such records can be
-re-ingested once their cause is gone (``ledger rejected --retry``).
+Beyond what a single record can show, every event is checked against the log by the
+store's checks (:mod:`ledger.validation`): its contract must have an ``instrument``
+event (``UNKNOWN_INSTRUMENT``), a fill's price must lie on that instrument's tick grid
+(``OFF_TICK_PRICE``, never rounded) and its quantity be a whole number of the size
+increment (``OFF_SIZE_INCREMENT``); a bust or correction must name an execution the log
+has (``UNKNOWN_EXECUTION``). Here a refused event is dead-lettered instead of refusing
+the batch; it can be re-ingested once its cause is gone (``ledger rejected --retry``),
+through the same checks.
 
 received = appended + duplicates + rejected, for every batch and every run.
 """
@@ -18,40 +21,25 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import asyncpg
-import orjson
 
 from ledger.db import retry_transient
 from ledger.errors import IdempotencyConflict, RejectReason
-from ledger.events import (
-    Event,
-    FillBusted,
-    FillCorrected,
-    FillRecorded,
-    InstrumentDefined,
-    MarkPriceSet,
-    fill_event_id,
-)
 from ledger.sources import Parsed, Rejected, SourceRef, parse_message
 from ledger.store import (
     BUMP_COUNTERS_SQL,
     DEAD_LETTER_SQL,
-    INSTRUMENTS_SQL,
-    KNOWN_IDS_SQL,
     PENDING_REJECTED_SQL,
     RETRIED_SQL,
     EventStore,
     driver_connection,
 )
-from ledger.values import is_on_tick
 
 __all__ = ["IngestCounts", "Ingester", "RetryOutcome"]
 
 Item = Parsed | Rejected
 
-_KNOWN_IDS = KNOWN_IDS_SQL
 _DEAD_LETTER = DEAD_LETTER_SQL
 _BUMP = BUMP_COUNTERS_SQL
 _PENDING = PENDING_REJECTED_SQL
@@ -110,14 +98,6 @@ class Ingester:
     def __init__(self, store: EventStore, *, batch_size: int = 1000) -> None:
         self.store = store
         self.batch_size = batch_size
-        self._instruments: dict[str, InstrumentDefined] = {}
-        self._loaded = False
-
-    async def _refresh_instruments(self, conn: asyncpg.Connection) -> None:
-        for (payload,) in await conn.fetch(INSTRUMENTS_SQL):
-            inst = InstrumentDefined.model_validate(orjson.loads(payload))
-            self._instruments[inst.contract] = inst
-        self._loaded = True
 
     async def ingest(
         self, items: Iterable[Item], progress: Callable[[int], None] | None = None
@@ -170,14 +150,12 @@ class Ingester:
                     items = [_as_conflict(i, conflict) for i in items]
 
     async def _write(self, conn: asyncpg.Connection, items: Sequence[Item]) -> IngestCounts:
-        if not self._loaded:
-            await self._refresh_instruments(conn)
         checked = await self._check(conn, items)
         accepted = [i for i in checked if isinstance(i, Parsed)]
         rejected = [i for i in checked if isinstance(i, Rejected)]
         counts = IngestCounts(received=len(checked))
         if accepted:
-            result = await self.store.append_on(conn, [p.event for p in accepted])
+            result = await self.store.append_prechecked_on(conn, [p.event for p in accepted])
             counts.appended = result.appended
             counts.duplicates = result.duplicates
         if rejected:
@@ -199,69 +177,15 @@ class Ingester:
 
     async def _check(self, conn: asyncpg.Connection, items: Sequence[Item]) -> list[Item]:
         """Return the items with log-dependent failures turned into rejections."""
-        wanted = {
-            fill_event_id(i.event.account, i.event.exec_id)
-            for i in items
-            if isinstance(i, Parsed) and isinstance(i.event, FillBusted | FillCorrected)
-        }
-        known = {r[0] for r in await conn.fetch(_KNOWN_IDS, list(wanted))} if wanted else set()
-        if any(
-            isinstance(i, Parsed)
-            and _contract_of(i.event) not in self._instruments
-            and not isinstance(i.event, InstrumentDefined)
-            and _contract_of(i.event) is not None
-            for i in items
-        ):
-            await self._refresh_instruments(conn)
+        events = [i.event if isinstance(i, Parsed) else None for i in items]
+        problems = await self.store.problems_on(conn, events)
         out: list[Item] = []
-        for item in items:
-            if isinstance(item, Rejected):
+        for item, problem in zip(items, problems, strict=True):
+            if problem is None or isinstance(item, Rejected):
                 out.append(item)
-                continue
-            event = item.event
-            problem = self._problem(event, known)
-            if problem is None:
-                out.append(item)
-                if isinstance(event, InstrumentDefined):
-                    self._instruments.setdefault(event.contract, event)
-                elif isinstance(event, FillRecorded):
-                    known.add(event.event_id)
             else:
-                reason, message = problem
-                out.append(Rejected(item.ref, item.raw, reason, message))
+                out.append(Rejected(item.ref, item.raw, problem[0], problem[1]))
         return out
-
-    def _problem(self, event: Event, known: set[str]) -> tuple[RejectReason, str] | None:
-        contract = _contract_of(event)
-        if contract is None or isinstance(event, InstrumentDefined):
-            return None
-        instrument = self._instruments.get(contract)
-        if instrument is None:
-            return (
-                RejectReason.UNKNOWN_INSTRUMENT,
-                f"contract: no instrument event defines {contract!r} (define it, then "
-                "`ledger rejected --retry`)",
-            )
-        price = getattr(event, "price", None)
-        # a mark or settlement price may lie between ticks; an execution may not
-        if (
-            price is not None
-            and not isinstance(event, MarkPriceSet)
-            and not is_on_tick(price, instrument.tick_size)
-        ):
-            return (
-                RejectReason.OFF_TICK_PRICE,
-                f"price: {price} is not on the tick grid of {contract} "
-                f"(tick size {instrument.tick_size})",
-            )
-        if isinstance(event, FillBusted | FillCorrected):
-            target = fill_event_id(event.account, event.exec_id)
-            if target not in known:
-                return (
-                    RejectReason.UNKNOWN_EXECUTION,
-                    f"exec_id: account {event.account} has no fill {event.exec_id!r} in the log",
-                )
-        return None
 
     async def retry_rejected(self, *, limit: int = 100_000) -> list[RetryOutcome]:
         """Re-ingest dead-lettered records whose cause may be gone; record each outcome."""
@@ -285,7 +209,7 @@ class Ingester:
                         if still:
                             failure = f"{still[0].reason}: {still[0].message}"
                         else:
-                            result = await self.store.append_on(
+                            result = await self.store.append_prechecked_on(
                                 conn, [c.event for c in checked if isinstance(c, Parsed)]
                             )
                             counts.appended, counts.duplicates = result.appended, result.duplicates
@@ -308,11 +232,6 @@ class Ingester:
                     await conn.execute(_RETRIED, row_id, outcome.status, outcome.detail)
             outcomes.append(outcome)
         return outcomes
-
-
-def _contract_of(event: Event) -> str | None:
-    contract: Any = getattr(event, "contract", None)
-    return contract if isinstance(contract, str) else None
 
 
 def _as_conflict(item: Item, conflict: IdempotencyConflict) -> Item:

@@ -335,7 +335,7 @@ class _Chained:
 
 # --------------------------------------------------------------------------- CSV
 
-_HEADER_CELL: Final = re.compile(r"^[a-z_][a-z0-9_]*$")
+_HEADER_CELL: Final = re.compile(r"[a-z_][a-z0-9_]*")
 
 
 def _csv_cells(text: str) -> list[str]:
@@ -349,7 +349,7 @@ def _is_csv_header(data: bytes) -> bool:
         cells = [cell.strip() for cell in _csv_cells(data.decode("utf-8"))]
     except (UnicodeDecodeError, csv.Error):
         return False
-    return "type" in cells and all(_HEADER_CELL.match(cell) for cell in cells)
+    return "type" in cells and all(_HEADER_CELL.fullmatch(cell) for cell in cells)
 
 
 def _csv_header(line: _Line) -> list[str]:
@@ -363,7 +363,7 @@ def _csv_header(line: _Line) -> list[str]:
         cells = [cell.strip() for cell in _csv_cells(text)]
     except csv.Error as exc:
         raise InvalidRecord(RejectReason.INVALID_RECORD, f"CSV header: {exc}") from None
-    bad = [cell for cell in cells if not _HEADER_CELL.match(cell)]
+    bad = [cell for cell in cells if not _HEADER_CELL.fullmatch(cell)]
     if bad:
         raise InvalidRecord(
             RejectReason.INVALID_RECORD,

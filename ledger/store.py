@@ -38,9 +38,10 @@ import asyncpg
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ledger.errors import ConcurrencyError, IdempotencyConflict
-from ledger.events import Event, encode_content
+from ledger.errors import ConcurrencyError, EventRejected, IdempotencyConflict
+from ledger.events import Event, InstrumentDefined, encode_content
 from ledger.schema import NOTIFY_CHANNEL
+from ledger.validation import Problem, contract_of, find_problems, wanted_executions
 
 __all__ = [
     "BUMP_COUNTERS_SQL",
@@ -58,6 +59,7 @@ __all__ = [
     "EventStore",
     "LightRow",
     "StoredEvent",
+    "UncheckedEventStore",
     "broker_pnl_rows",
     "broker_report_rows",
     "chain_hash",
@@ -149,15 +151,25 @@ def chain_hash(previous: bytes, stream_version: int, event_id: str, digest: byte
 
 
 # Lock the batch's stream heads (in stream order) and look its event ids up, in one trip.
+# The statement's snapshot is taken before it waits on a lock: a head that another
+# writer moved meanwhile is returned as locked (its newest version) but that writer's
+# events are not in the snapshot. The last column says so (the version the snapshot
+# sees differs), and then the ids are looked up again (_FIND), after the lock.
 _LOCK_AND_FIND = """
 WITH heads AS (
     SELECT stream, version, last_hash FROM streams
     WHERE stream = ANY($1::text[]) ORDER BY stream FOR UPDATE{nowait}
 )
-SELECT true, stream, version, last_hash, NULL::bigint, NULL::text FROM heads
+SELECT true, h.stream, h.version, h.last_hash, NULL::bigint, NULL::text,
+       h.version IS DISTINCT FROM (SELECT s.version FROM streams AS s WHERE s.stream = h.stream)
+FROM heads AS h
 UNION ALL
-SELECT false, event_id::text, NULL::int, content_digest, global_position, stream FROM events
-WHERE event_id = ANY($2::uuid[])
+SELECT false, event_id::text, NULL::int, content_digest, global_position, stream, false
+FROM events WHERE event_id = ANY($2::uuid[])
+"""
+_FIND = """
+SELECT false, event_id::text, NULL::int, content_digest, global_position, stream, false
+FROM events WHERE event_id = ANY($1::uuid[])
 """
 _LOCK_AND_FIND_WAIT = _LOCK_AND_FIND.format(nowait="")
 _LOCK_AND_FIND_NOWAIT = _LOCK_AND_FIND.format(nowait=" NOWAIT")
@@ -312,8 +324,14 @@ async def ensure_log_statistics(conn: asyncpg.Connection) -> bool:
     return True
 
 
-class EventStore:
-    """Append to and read from the PostgreSQL event log."""
+class UncheckedEventStore:
+    """Append to and read from the PostgreSQL event log, *without* the log checks.
+
+    Unchecked: :meth:`append` writes whatever well-formed events it is given, even a
+    fill off its instrument's tick grid or a bust of an execution the log never had,
+    which no projection can fold. Use :class:`EventStore`, which refuses those; this
+    class is for the store's own mechanics and for tests that must write such events.
+    """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -456,9 +474,14 @@ class EventStore:
                     await conn.execute(_CREATE_HEADS, unknown, GENESIS_HASH)
             rows: list[asyncpg.Record] = await conn.fetch(lock, names, ids)
             missing = sorted(set(names) - {r[1] for r in rows if r[0]})
+            stale = any(r[6] for r in rows)
             if missing:
                 await conn.execute(_CREATE_HEADS, missing, GENESIS_HASH)
                 rows += await conn.fetch(lock, missing, [])
+            if (stale or missing) and ids:
+                # another writer committed to these streams while this one waited: look
+                # the ids up again, now that every head is held (see _LOCK_AND_FIND)
+                rows = [r for r in rows if r[0]] + await conn.fetch(_FIND, ids)
             return rows
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
             busy = min(expected_versions or {"?": 0})
@@ -512,6 +535,86 @@ class EventStore:
             finally:
                 if not driver.is_closed():
                     await driver.remove_listener(NOTIFY_CHANNEL, _on_notify)
+
+
+class EventStore(UncheckedEventStore):
+    """The event log, checked: nothing that would break a projection is appended.
+
+    Every batch is checked against the log in the transaction that appends it (see
+    :mod:`ledger.validation`): unknown instrument, off-tick price, a quantity that is
+    not a whole number of the size increment, a bust or correction of an unknown
+    execution. One bad event refuses the whole batch with :class:`EventRejected`
+    (its reason, index and a message naming the field and value); nothing is written.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        # instruments never change (an instrument's id is its contract): cached for good
+        self._instruments: dict[str, InstrumentDefined] = {}
+
+    async def append(
+        self,
+        events: Sequence[Event],
+        *,
+        expected_versions: Mapping[str, int] | None = None,
+        causation_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> AppendResult:
+        """Check, then append a batch, all or nothing (see :meth:`UncheckedEventStore.append`).
+
+        Raises:
+            EventRejected: an event fails a check against the log; nothing is appended.
+            ConcurrencyError: as :meth:`UncheckedEventStore.append`.
+            IdempotencyConflict: as :meth:`UncheckedEventStore.append`.
+        """
+        if not events:
+            return AppendResult((), 0, 0, ())
+        async with self._driver() as conn, conn.transaction():
+            await self._refuse(conn, events)
+            return await self._append(conn, events, expected_versions, causation_id, correlation_id)
+
+    async def append_on(self, conn: asyncpg.Connection, events: Sequence[Event]) -> AppendResult:
+        """Check, then append inside a transaction the caller holds on ``conn``.
+
+        Raises:
+            EventRejected: an event fails a check against the log; nothing is appended.
+        """
+        if not events:
+            return AppendResult((), 0, 0, ())
+        await self._refuse(conn, events)
+        return await self._append(conn, events, None, None, None)
+
+    async def append_prechecked_on(
+        self, conn: asyncpg.Connection, events: Sequence[Event]
+    ) -> AppendResult:
+        """Append events that :meth:`problems_on` passed in this same transaction.
+
+        For a caller that dead-letters what the checks refuse instead of refusing the
+        batch (the ingester); the checks are not run twice.
+        """
+        return await UncheckedEventStore.append_on(self, conn, events)
+
+    async def problems_on(
+        self, conn: asyncpg.Connection, events: Sequence[Event | None]
+    ) -> list[Problem | None]:
+        """Return, per event, why it may not be appended (None entries are skipped)."""
+        present = [e for e in events if e is not None]
+        contracts = {c for e in present if (c := contract_of(e)) is not None}
+        if not contracts.issubset(self._instruments):
+            await self._load_instruments(conn)
+        wanted = wanted_executions(present)
+        known = {r[0] for r in await conn.fetch(KNOWN_IDS_SQL, list(wanted))} if wanted else set()
+        return find_problems(events, self._instruments, known)
+
+    async def _load_instruments(self, conn: asyncpg.Connection) -> None:
+        for (payload,) in await conn.fetch(INSTRUMENTS_SQL):
+            instrument = InstrumentDefined.model_validate(orjson.loads(payload))
+            self._instruments.setdefault(instrument.contract, instrument)
+
+    async def _refuse(self, conn: asyncpg.Connection, events: Sequence[Event]) -> None:
+        for index, problem in enumerate(await self.problems_on(conn, events)):
+            if problem is not None:
+                raise EventRejected(problem[0], problem[1], index, events[index].event_id)
 
 
 _NewRow = tuple[int, _Encoded, int, bytes]  # input index, event, stream version, hash

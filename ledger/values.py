@@ -6,15 +6,25 @@ is built (the edge), so everything inside the ledger can trust its inputs:
 - a JSON number arrives as ``Decimal`` (the parsers use ``parse_float=Decimal``) or as
   a decimal string; a Python ``float`` is refused outright, so a binary approximation
   can never sneak onto the money path;
-- NaN, Infinity and exponents outside a sane range are refused;
-- identifiers are short tokens of ``[A-Za-z0-9._-]`` — never free text.
+- NaN, Infinity and numbers outside the ledger's bounds are refused (see below);
+- identifiers are short tokens of ``[A-Za-z0-9._-]`` — never free text, never with a
+  trailing newline or blank (the whole string must match, ``re.fullmatch``).
+
+Bounds. Every number at the edge has at most :data:`MAX_INTEGER_DIGITS` digits before
+the decimal point (``|x| < 10**15``) and at most :data:`MAX_SCALE` after it, as
+written; an instrument's point value (tick value / tick size) must be exact and below
+:data:`MAX_POINT_VALUE`. Within these bounds a fill's P&L (quantity x price difference
+x point value) has at most 42 + 36 digits, and a sum of a billion of them fewer than
+:data:`LEDGER_PRECISION`: the ledger widens the ``decimal`` context to that precision
+(never narrows it) on import, so the folds never round and never raise.
 """
 
 from __future__ import annotations
 
+import decimal
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -22,6 +32,10 @@ from pydantic import AfterValidator, BeforeValidator, PlainSerializer
 
 __all__ = [
     "ID_PATTERN",
+    "LEDGER_PRECISION",
+    "MAX_INTEGER_DIGITS",
+    "MAX_POINT_VALUE",
+    "MAX_SCALE",
     "AccountId",
     "ContractId",
     "ExecId",
@@ -34,16 +48,37 @@ __all__ = [
     "Quantity",
     "Side",
     "SignedQuantity",
+    "check_point_value",
+    "is_multiple",
     "is_on_tick",
     "point_value",
     "to_decimal",
 ]
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# Digits beyond this are not a price or a quantity any broker sends; refusing them
-# keeps a 10 MB number from turning into a 10 MB Decimal.
-_MAX_DIGITS = 38
-_MAX_EXPONENT = 30
+ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""An identifier: use with ``fullmatch`` (``match`` would let ``"T-9\\n"`` through)."""
+MAX_INTEGER_DIGITS = 15
+"""Digits before the decimal point of any number at the edge: ``|x| < 10**15``."""
+MAX_SCALE = 12
+"""Digits after the decimal point of any number at the edge, as written."""
+MAX_POINT_VALUE = Decimal(10) ** 12
+"""An instrument's point value (tick value / tick size) must be below this."""
+LEDGER_PRECISION = 120
+"""Significant digits of the ``decimal`` context the ledger computes in (see Bounds)."""
+_LIMIT = Decimal(10) ** MAX_INTEGER_DIGITS
+# Wide enough to divide any two admitted numbers and see whether the result is exact.
+_EXACT = Context(prec=LEDGER_PRECISION, traps=[InvalidOperation])
+
+
+def _widen(context: Context) -> None:
+    if context.prec < LEDGER_PRECISION:
+        context.prec = LEDGER_PRECISION
+
+
+# Threads and tasks created later start from DefaultContext; this thread's own
+# context exists already. Precision only grows: a caller's wider context is kept.
+_widen(decimal.DefaultContext)
+_widen(decimal.getcontext())
 
 
 class Side(StrEnum):
@@ -90,10 +125,18 @@ def to_decimal(value: object) -> Decimal:
         raise ValueError(f"expected a decimal number, got {type(value).__name__} {_short(value)}")
     if not result.is_finite():
         raise ValueError(f"expected a finite decimal number, got {_short(value)}")
-    digits = len(result.as_tuple().digits)
-    exponent = result.adjusted()
-    if digits > _MAX_DIGITS or abs(exponent) > _MAX_EXPONENT:
-        raise ValueError(f"decimal number out of range: {_short(value)}")
+    exponent = result.as_tuple().exponent
+    assert isinstance(exponent, int)
+    if exponent < -MAX_SCALE:
+        raise ValueError(
+            f"decimal number out of range: {_short(value)} has more than {MAX_SCALE} "
+            "digits after the decimal point"
+        )
+    if exponent > MAX_INTEGER_DIGITS or abs(result) >= _LIMIT:
+        raise ValueError(
+            f"decimal number out of range: {_short(value)} is not below 10^{MAX_INTEGER_DIGITS} "
+            "in magnitude"
+        )
     return result
 
 
@@ -119,7 +162,7 @@ def _token(value: object) -> str:
         value = str(value)  # brokers send numeric account and trade ids
     if not isinstance(value, str):
         raise ValueError(f"expected an identifier string, got {type(value).__name__}")
-    if not ID_PATTERN.match(value):
+    if not ID_PATTERN.fullmatch(value):
         raise ValueError(
             f"identifier {_short(value)} must be 1-64 characters of letters, digits, '.', '_', '-'"
         )
@@ -152,17 +195,49 @@ def point_value(tick_value: Decimal, tick_size: Decimal) -> Decimal:
     Decimal division keeps the "ideal" exponent, so 15.625 / 0.015625 is ``1E+3``; P&L
     computed with that would read ``15.625`` instead of ``15.625000`` (golden case
     ``zn_sub_cent_tick_value``). An integral point value is written with exponent 0.
+    Computed in the ledger's wide context, whatever the caller's.
     """
-    value = tick_value / tick_size
+    value = _EXACT.divide(tick_value, tick_size)
     exponent = value.as_tuple().exponent
     if isinstance(exponent, int) and exponent > 0:
-        value = value.quantize(Decimal(1))
+        value = value.quantize(Decimal(1), context=_EXACT)
     return value
 
 
+def check_point_value(tick_value: Decimal, tick_size: Decimal) -> Decimal:
+    """Return the point value, or raise when the folds could not carry it exactly.
+
+    Raises:
+        ValueError: tick value / tick size does not terminate (e.g. 10 / 0.03), or is not
+            below :data:`MAX_POINT_VALUE`; the message names both values.
+    """
+    context = _EXACT.copy()
+    context.clear_flags()
+    value = context.divide(tick_value, tick_size)
+    if context.flags[Inexact]:
+        raise ValueError(
+            f"point value tick_value / tick_size = {tick_value} / {tick_size} is not an exact "
+            "decimal"
+        )
+    if abs(value) >= MAX_POINT_VALUE:
+        raise ValueError(
+            f"point value tick_value / tick_size = {tick_value} / {tick_size} is not below "
+            f"{MAX_POINT_VALUE:.0E}"
+        )
+    return point_value(tick_value, tick_size)
+
+
 def is_on_tick(price: Decimal, tick_size: Decimal) -> bool:
-    """Return whether ``price`` is an exact multiple of ``tick_size`` (never rounds)."""
-    return price % tick_size == 0
+    """Return whether ``price`` is an exact multiple of ``tick_size`` (never rounds).
+
+    Computed in the ledger's wide context: at 28 digits, ``1E+28 % 0.25`` raises.
+    """
+    return _EXACT.remainder(price, tick_size) == 0
+
+
+def is_multiple(quantity: Decimal, increment: Decimal) -> bool:
+    """Return whether ``quantity`` is a whole number of ``increment`` (never rounds)."""
+    return _EXACT.remainder(quantity, increment) == 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,7 +144,7 @@ class BrokerStatement:
 def _ident(value: object, field: str, where: str) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise ReconciliationError(
             f"{where}: {field} must be 1-64 characters of [A-Za-z0-9._-], got {value!r}"
         )

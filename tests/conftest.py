@@ -20,7 +20,7 @@ from pytest_postgresql.executors import PostgreSQLExecutor
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.db import make_engine, migrate
-from ledger.store import EventStore
+from ledger.store import EventStore, UncheckedEventStore
 
 HERE = Path(__file__).resolve().parent
 PG_CTL = HERE / "pg_ctl_as_postgres"
@@ -91,8 +91,19 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
-def store(engine: AsyncEngine) -> EventStore:
-    """Return an event store on the test's database."""
+def store(engine: AsyncEngine) -> UncheckedEventStore:
+    """Return an unchecked event store on the test's database.
+
+    Unchecked: tests of the store's own mechanics (and of the projections) append
+    events without defining their instruments first; the checked store is
+    ``checked_store``.
+    """
+    return UncheckedEventStore(engine)
+
+
+@pytest.fixture
+def checked_store(engine: AsyncEngine) -> EventStore:
+    """Return the checked event store (what the CLI, ingest and consume use)."""
     return EventStore(engine)
 
 

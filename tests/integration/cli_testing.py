@@ -9,10 +9,10 @@ from typing import Any
 import asyncpg
 from typer.testing import CliRunner
 
-from ledger.integrity import append_seal
 from ledger.cli import app
 from ledger.db import make_engine, plain_url
 from ledger.events import parse_event
+from ledger.integrity import append_seal
 from ledger.store import EventStore
 from projections.runner import ProjectionRunner
 

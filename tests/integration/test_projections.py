@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.events import Event, FillBusted, FillCorrected, FillRecorded, parse_event
 from ledger.settings import Settings
-from ledger.store import EventStore, driver_connection
+from ledger.store import UncheckedEventStore, driver_connection
 from projections import queries
 from projections import runner as runner_module
 from projections.positions import replay
@@ -226,7 +226,9 @@ def oracle(events: Sequence[tuple[int, Event]]) -> dict[str, Any]:
     return out
 
 
-async def append_all(store: EventStore, events: Sequence[Event]) -> list[tuple[int, Event]]:
+async def append_all(
+    store: UncheckedEventStore, events: Sequence[Event]
+) -> list[tuple[int, Event]]:
     result = await store.append(events)
     return list(zip(result.positions, events, strict=True))
 
@@ -235,7 +237,7 @@ async def append_all(store: EventStore, events: Sequence[Event]) -> list[tuple[i
 
 
 async def test_bust_of_a_flip_and_a_correction_incrementally_equal_rebuild(
-    engine: AsyncEngine, store: EventStore
+    engine: AsyncEngine, store: UncheckedEventStore
 ) -> None:
     t = [T0 + timedelta(minutes=i) for i in range(10)]
     steps: list[Event] = [
@@ -295,7 +297,7 @@ async def test_bust_of_a_flip_and_a_correction_incrementally_equal_rebuild(
 
 
 async def test_random_arrival_incremental_equals_rebuild_and_pure_replay(
-    engine: AsyncEngine, store: EventStore
+    engine: AsyncEngine, store: UncheckedEventStore
 ) -> None:
     rng = random.Random(7)
     log = await append_all(store, instruments())
@@ -326,7 +328,7 @@ async def test_random_arrival_incremental_equals_rebuild_and_pure_replay(
 
 
 async def test_first_catch_up_of_a_long_log_rebuilds_it_split_and_equals_pure_replay(
-    engine: AsyncEngine, store: EventStore
+    engine: AsyncEngine, store: UncheckedEventStore
 ) -> None:
     """A serving generation that has projected nothing, on a log long enough to split,
     is replaced by a split rebuild; later catch-ups are incremental as ever."""
@@ -352,7 +354,10 @@ async def test_first_catch_up_of_a_long_log_rebuilds_it_split_and_equals_pure_re
 
 
 async def append_catching_up(
-    store: EventStore, runner: ProjectionRunner, events: Sequence[Event], rng: random.Random
+    store: UncheckedEventStore,
+    runner: ProjectionRunner,
+    events: Sequence[Event],
+    rng: random.Random,
 ) -> list[tuple[int, Event]]:
     """Append ``events`` a few at a time, catching ``runner`` up after each append."""
     log: list[tuple[int, Event]] = []
@@ -366,7 +371,7 @@ async def append_catching_up(
 
 
 async def test_restatements_across_many_days_rewrite_only_from_the_changed_day(
-    engine: AsyncEngine, store: EventStore
+    engine: AsyncEngine, store: UncheckedEventStore
 ) -> None:
     """A restatement rewrites history and daily P&L from the trading day of the first
     fill it changes, and keeps the days before. Fills two hours apart over ~25 days,
@@ -434,7 +439,7 @@ async def test_restatements_across_many_days_rewrite_only_from_the_changed_day(
 
 
 async def test_restatements_from_marks_rewrite_the_same_history_as_a_pure_replay(
-    engine: AsyncEngine, store: EventStore, monkeypatch: pytest.MonkeyPatch
+    engine: AsyncEngine, store: UncheckedEventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A restatement replays from the stream's last mark before the fill it changes
     (or from that fill) and rewrites history and daily P&L only from there: every
@@ -518,7 +523,7 @@ async def test_restatements_from_marks_rewrite_the_same_history_as_a_pure_replay
 
 
 async def test_late_fill_same_as_on_time_in_another_database_order(
-    engine: AsyncEngine, store: EventStore
+    engine: AsyncEngine, store: UncheckedEventStore
 ) -> None:
     """Same fills, two accounts: one in event order, one with the second fill last."""
     spec = [
@@ -604,7 +609,7 @@ async def _check_compaction(engine: AsyncEngine, cutoff_day: date) -> tuple[int,
 
 
 async def test_history_compaction_matches_as_of_replay_and_is_idempotent(
-    engine: AsyncEngine, store: EventStore, cli_env: dict[str, str]
+    engine: AsyncEngine, store: UncheckedEventStore, cli_env: dict[str, str]
 ) -> None:
     rng = random.Random(11)
     now = datetime.now(UTC).replace(microsecond=0)
@@ -697,7 +702,7 @@ def _cli_json(env: dict[str, str], *args: str) -> Any:
 
 
 async def test_as_known_at_before_a_bust_shows_the_fill_as_of_does_not(
-    engine: AsyncEngine, store: EventStore, cli_env: dict[str, str]
+    engine: AsyncEngine, store: UncheckedEventStore, cli_env: dict[str, str]
 ) -> None:
     t = [T0 + timedelta(minutes=i) for i in range(5)]
     await store.append(instruments())
@@ -755,7 +760,7 @@ WHERE type IN ('fill', 'bust', 'correction') ORDER BY global_position
 
 
 async def test_snapshot_answers_equal_full_replay_on_both_clocks(
-    engine: AsyncEngine, store: EventStore
+    engine: AsyncEngine, store: UncheckedEventStore
 ) -> None:
     rng = random.Random(2026)
     await store.append(instruments())
@@ -850,7 +855,7 @@ async def _wait_accepting(engine: AsyncEngine, timeout: float = 30.0) -> None:
 
 async def test_follow_picks_up_appends_and_survives_a_server_restart(
     engine: AsyncEngine,
-    store: EventStore,
+    store: UncheckedEventStore,
     cli_env: dict[str, str],
     pg_server: PostgreSQLExecutor,
     tmp_path: Path,

@@ -30,7 +30,7 @@ from test_projections import (
 )
 
 from ledger.events import Event, parse_event
-from ledger.store import EventStore, driver_connection
+from ledger.store import UncheckedEventStore, driver_connection
 from projections import store as sql
 from projections.runner import ProjectionRunner
 
@@ -129,7 +129,7 @@ def rebuild_to_the_end(env: dict[str, str]) -> None:
 
 
 async def test_runner_killed_between_and_mid_batch_resumes_exactly(
-    engine: AsyncEngine, store: EventStore, cli_env: dict[str, str]
+    engine: AsyncEngine, store: UncheckedEventStore, cli_env: dict[str, str]
 ) -> None:
     rng = random.Random(4)
     events = random_log(rng, 4000, accounts=("K0", "K1", "K2", "K3", "K4"))
@@ -193,7 +193,7 @@ async def test_runner_killed_between_and_mid_batch_resumes_exactly(
 
 
 async def test_rebuild_killed_half_way_leaves_serving_intact_and_resumes(
-    engine: AsyncEngine, store: EventStore, cli_env: dict[str, str]
+    engine: AsyncEngine, store: UncheckedEventStore, cli_env: dict[str, str]
 ) -> None:
     rng = random.Random(9)
     events = random_log(
@@ -250,7 +250,7 @@ async def partitions(engine: AsyncEngine) -> list[tuple[int, int, int, int]]:
 
 
 async def test_parallel_rebuild_killed_half_way_takes_its_workers_and_resumes(
-    engine: AsyncEngine, store: EventStore, cli_env: dict[str, str]
+    engine: AsyncEngine, store: UncheckedEventStore, cli_env: dict[str, str]
 ) -> None:
     rng = random.Random(21)
     events = random_log(
@@ -294,7 +294,7 @@ async def test_parallel_rebuild_killed_half_way_takes_its_workers_and_resumes(
 
 
 async def test_rebuild_killed_mid_batch_then_resumed_equals_incremental(
-    engine: AsyncEngine, store: EventStore, cli_env: dict[str, str]
+    engine: AsyncEngine, store: UncheckedEventStore, cli_env: dict[str, str]
 ) -> None:
     rng = random.Random(12)
     await store.append(instruments())
@@ -326,7 +326,7 @@ async def test_swap_succeeds_when_the_serving_checkpoint_moved_during_the_rebuil
     The serving checkpoint advancing while a rebuild runs leaves its row version after the
     building row; a single UPDATE flipping both then meets the building row first.
     """
-    store = EventStore(engine)
+    store = UncheckedEventStore(engine)
 
     def fills(start: int, stop: int) -> list[Event]:
         return [
@@ -363,7 +363,7 @@ async def test_swap_succeeds_when_the_serving_checkpoint_moved_during_the_rebuil
 
 
 async def test_a_rebuild_whose_generation_another_swapped_in_stops(
-    engine: AsyncEngine, store: EventStore
+    engine: AsyncEngine, store: UncheckedEventStore
 ) -> None:
     """Two rebuilds find the same building generation; one swaps it in while the other
     is still on its way. The other, finding it serving, stops there instead of

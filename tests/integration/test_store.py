@@ -17,8 +17,8 @@ from ledger.store import (
     GENESIS_HASH,
     READ_LIGHT_SQL,
     Checkpoint,
-    EventStore,
     StoredEvent,
+    UncheckedEventStore,
     chain_hash,
     driver_connection,
 )
@@ -60,7 +60,7 @@ async def count(db_url: str) -> int:
     ],
 )
 async def test_log_rejects_mutation_as_owner(
-    store: EventStore, db_url: str, statement: str
+    store: UncheckedEventStore, db_url: str, statement: str
 ) -> None:
     await store.append([fill("T-1")])
     conn = await asyncpg.connect(plain_url(db_url))
@@ -81,7 +81,7 @@ async def test_log_rejects_mutation_as_owner(
     ],
 )
 async def test_log_rejects_mutation_as_app_role(
-    store: EventStore, db_url: str, statement: str
+    store: UncheckedEventStore, db_url: str, statement: str
 ) -> None:
     await store.append([fill("T-1")])
     conn = await asyncpg.connect(plain_url(db_url))
@@ -97,7 +97,7 @@ async def test_log_rejects_mutation_as_app_role(
     assert await count(db_url) == 1
 
 
-async def test_app_role_can_append(store: EventStore, db_url: str) -> None:
+async def test_app_role_can_append(store: UncheckedEventStore, db_url: str) -> None:
     conn = await asyncpg.connect(plain_url(db_url))
     try:
         await conn.execute("SET ROLE ledger_app")
@@ -112,7 +112,7 @@ async def test_app_role_can_append(store: EventStore, db_url: str) -> None:
 # ----------------------------------------------------------------- idempotency
 
 
-async def test_same_fill_twice_is_one_event(store: EventStore, db_url: str) -> None:
+async def test_same_fill_twice_is_one_event(store: UncheckedEventStore, db_url: str) -> None:
     first = await store.append([fill("T-1")])
     second = await store.append([fill("T-1")])
     assert first.appended == 1 and first.duplicates == 0
@@ -121,13 +121,17 @@ async def test_same_fill_twice_is_one_event(store: EventStore, db_url: str) -> N
     assert await count(db_url) == 1
 
 
-async def test_same_number_spelled_differently_is_the_same_event(store: EventStore) -> None:
+async def test_same_number_spelled_differently_is_the_same_event(
+    store: UncheckedEventStore,
+) -> None:
     first = await store.append([fill("T-1", price="5000.25")])
     second = await store.append([fill("T-1", price="5000.250000000")])
     assert second.duplicates == 1 and second.positions == first.positions
 
 
-async def test_same_exec_id_different_price_conflicts(store: EventStore, db_url: str) -> None:
+async def test_same_exec_id_different_price_conflicts(
+    store: UncheckedEventStore, db_url: str
+) -> None:
     await store.append([fill("T-1", price="5000.25")])
     with pytest.raises(IdempotencyConflict, match="different content") as info:
         await store.append([fill("T-1", price="5000.50")])
@@ -135,7 +139,9 @@ async def test_same_exec_id_different_price_conflicts(store: EventStore, db_url:
     assert await count(db_url) == 1
 
 
-async def test_batch_with_one_bad_event_appends_nothing(store: EventStore, db_url: str) -> None:
+async def test_batch_with_one_bad_event_appends_nothing(
+    store: UncheckedEventStore, db_url: str
+) -> None:
     await store.append([fill("T-1", price="5000.25")])
     batch = [fill("T-2"), fill("T-3"), fill("T-1", price="4999.00"), fill("T-4")]
     with pytest.raises(IdempotencyConflict):
@@ -147,7 +153,7 @@ async def test_batch_with_one_bad_event_appends_nothing(store: EventStore, db_ur
 
 @pytest.mark.parametrize("conflict", ["stored", "in batch"])
 async def test_large_batch_with_a_conflict_at_its_end_appends_nothing(
-    store: EventStore, db_url: str, conflict: str
+    store: UncheckedEventStore, db_url: str, conflict: str
 ) -> None:
     """A big batch whose last event conflicts appends none of the events before it."""
     await store.append([fill("T-1", price="5000.25")])
@@ -166,7 +172,7 @@ async def test_large_batch_with_a_conflict_at_its_end_appends_nothing(
         await conn.close()
 
 
-async def test_in_batch_duplicate_reports_one_position(store: EventStore) -> None:
+async def test_in_batch_duplicate_reports_one_position(store: UncheckedEventStore) -> None:
     result = await store.append([fill("T-1"), fill("T-1")])
     assert result.appended == 1 and result.duplicates == 1
     assert result.positions[0] == result.positions[1]
@@ -175,7 +181,7 @@ async def test_in_batch_duplicate_reports_one_position(store: EventStore) -> Non
 # ------------------------------------------------------------------ concurrency
 
 
-async def test_expected_version_mismatch_raises(store: EventStore) -> None:
+async def test_expected_version_mismatch_raises(store: UncheckedEventStore) -> None:
     stream = "ACC-1/CON.F.US.EP.Z26"
     await store.append([fill("T-1")], expected_versions={stream: 0})
     with pytest.raises(ConcurrencyError, match="expected version 0, but it is at version 1"):
@@ -185,7 +191,7 @@ async def test_expected_version_mismatch_raises(store: EventStore) -> None:
 
 
 async def test_expected_version_conflict_does_not_wait_on_a_lock(
-    store: EventStore, engine: AsyncEngine
+    store: UncheckedEventStore, engine: AsyncEngine
 ) -> None:
     stream = "ACC-1/CON.F.US.EP.Z26"
     await store.append([fill("T-1")])
@@ -207,7 +213,7 @@ async def test_expected_version_conflict_does_not_wait_on_a_lock(
 
 
 async def test_late_commit_is_read_not_skipped(
-    store: EventStore, engine: AsyncEngine, db_url: str
+    store: UncheckedEventStore, engine: AsyncEngine, db_url: str
 ) -> None:
     """A naive reader skips an event that commits after a later-positioned one; ours does not."""
     async with engine.connect() as sa_a:
@@ -243,7 +249,7 @@ async def test_late_commit_is_read_not_skipped(
 
 @pytest.mark.parametrize("run", range(3))
 async def test_concurrent_writers_and_a_tailing_reader(
-    store: EventStore, engine: AsyncEngine, run: int
+    store: UncheckedEventStore, engine: AsyncEngine, run: int
 ) -> None:
     """8 writers, thousands of events, commit order shuffled against insert order; a
     reader tailing with checkpoints sees every committed event exactly once. Batch sizes
@@ -288,7 +294,7 @@ async def test_concurrent_writers_and_a_tailing_reader(
     assert sorted(seen) == sorted(appended), "an event was skipped"
 
 
-async def test_notification_wakes_a_waiting_reader(store: EventStore) -> None:
+async def test_notification_wakes_a_waiting_reader(store: UncheckedEventStore) -> None:
     async with store.notifications() as woken:
         await store.append([fill("T-1")])
         await asyncio.wait_for(woken.wait(), timeout=5)
@@ -298,7 +304,7 @@ async def test_notification_wakes_a_waiting_reader(store: EventStore) -> None:
 
 
 async def test_nine_decimal_prices_and_sub_cent_tick_values_stay_exact(
-    store: EventStore,
+    store: UncheckedEventStore,
 ) -> None:
     instrument = parse_event(
         {
@@ -317,7 +323,9 @@ async def test_nine_decimal_prices_and_sub_cent_tick_values_stay_exact(
     assert Decimal(rows[1].payload["price"]) == Decimal("6065.25")
 
 
-async def test_large_batch_reports_the_stored_positions(store: EventStore, db_url: str) -> None:
+async def test_large_batch_reports_the_stored_positions(
+    store: UncheckedEventStore, db_url: str
+) -> None:
     """A batch big enough to be COPYed: the positions it reports are those in the log,
     duplicates (earlier and in-batch) report their originals, and heads and chains hold."""
     earlier = await store.append([fill("T-0"), fill("T-1", account="ACC-2")])
@@ -359,7 +367,7 @@ def assert_chain(events: list[StoredEvent]) -> None:
         previous = e.hash
 
 
-async def test_hash_chain_links_each_event_to_the_previous(store: EventStore) -> None:
+async def test_hash_chain_links_each_event_to_the_previous(store: UncheckedEventStore) -> None:
     await store.append([fill("T-1"), fill("T-2")])
     await store.append([fill("T-3")])
     events = await store.read_stream("ACC-1/CON.F.US.EP.Z26")
@@ -371,7 +379,7 @@ async def test_hash_chain_links_each_event_to_the_previous(store: EventStore) ->
 
 
 async def test_first_read_from_the_start_gives_the_log_statistics(
-    store: EventStore, db_url: str
+    store: UncheckedEventStore, db_url: str
 ) -> None:
     """A reader starting from zero on a big never-analyzed log analyzes it first.
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ledger.events import parse_event
-from ledger.store import Checkpoint, EventStore
+from ledger.store import Checkpoint, UncheckedEventStore
 
 
-async def test_append_and_read_back(store: EventStore) -> None:
+async def test_append_and_read_back(store: UncheckedEventStore) -> None:
     fill = parse_event(
         {
             "type": "fill",
