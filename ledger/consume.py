@@ -280,11 +280,19 @@ class Consumer:
         return self.totals
 
     async def _connect(self, stop: asyncio.Event) -> Client | None:
+        """Connect to NATS, retrying, until connected or ``stop`` is set (then None).
+
+        Each attempt races ``stop``: a client with ``max_reconnect_attempts=-1`` may keep
+        trying the servers inside ``connect`` for ever while they are down, and the first
+        SIGTERM must end the process at once, not when NATS comes back.
+        """
         backoff = _Backoff()
         servers = list(self.options.servers)
+        log.info("connecting to NATS at %s", ", ".join(servers))
         while not stop.is_set():
-            try:
-                return await nats.connect(
+            nc = Client()
+            connecting = asyncio.ensure_future(
+                nc.connect(
                     servers=servers,
                     name="ledger-consume",
                     connect_timeout=2,
@@ -295,9 +303,26 @@ class Consumer:
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                 )
+            )
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+            if not connecting.done():
+                log.info("stopped while connecting to NATS at %s", ", ".join(servers))
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                return None
+            try:
+                connecting.result()
             except (OSError, TimeoutError, nats.errors.Error) as exc:
                 self._note_error(f"cannot connect to NATS at {', '.join(servers)}", exc)
                 await _sleep_or_stop(stop, backoff.next())
+                continue
+            return nc
         return None
 
     async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
