@@ -57,7 +57,7 @@ from ledger.embedded import EmbeddedPostgres
 from ledger.events import Event, LogSealed, ReconciliationCompleted
 from ledger.ingest import IngestCounts as _RunCounts
 from ledger.ingest import Ingester, RetryOutcome
-from ledger.integrity import Problem, append_seal
+from ledger.integrity import Problem, append_seal, latest_seal, verify_against
 from ledger.settings import Settings
 from ledger.sources import InputFormat, Parsed, SourceRef, iter_file, parse_message
 from ledger.store import (
@@ -882,10 +882,13 @@ class Ledger:
         except OSError as exc:
             raise audit.AuditError(f"--out: cannot write into {str(out_dir)!r}: {exc}") from None
 
-    async def verify(self, *, projections: bool = True, seal: bool = False) -> Verification:
+    async def verify(
+        self, *, projections: bool = True, seal: bool = False, against: LogSealed | None = None
+    ) -> Verification:
         """Recompute the log's hash chains, heads and seals; compare the projections
         with a fresh replay (after catching them up); with ``seal``, seal a log that
-        verifies."""
+        verifies; with ``against`` (a seal kept outside the database, see
+        :meth:`latest_seal`), also check that the log still reaches it."""
         catch_up_error = None
         if projections:
             try:
@@ -898,9 +901,13 @@ class Ledger:
             async with self._read(False) as conn:
                 await self._wait_for_replay(conn)
                 report = await audit.verify(conn, check_projections=projections)
+                if against is not None:
+                    report.problems.extend(await verify_against(conn, against))
         else:
             async with self._conn() as conn:
                 report = await audit.verify(conn, check_projections=projections)
+                if against is not None:
+                    report.problems.extend(await verify_against(conn, against))
         # the log's own verdict decides the seal: a seal covers the log, not projections
         sealed = await append_seal(self.engine) if seal and report.ok else None
         return Verification(
@@ -916,6 +923,13 @@ class Ledger:
     async def seal(self) -> LogSealed | None:
         """Append a seal over the log (None when nothing is new since the last one)."""
         return await append_seal(self.engine)
+
+    async def latest_seal(self) -> LogSealed | None:
+        """Return the seal reaching furthest into the log, to keep outside the database
+        (:func:`ledger.integrity.seal_record` writes it down; ``verify(against=...)``
+        checks a log against it)."""
+        async with self._conn() as conn:
+            return await latest_seal(conn)
 
     async def stats(self) -> Stats:
         """Return ingest counters, the projections' lag and the feed's last error."""

@@ -359,13 +359,19 @@ class ReconciliationCompleted(_EventBase):
 
 
 class LogSealed(_EventBase):
-    """A seal over the log's read order up to ``through_position`` (tamper evidence)."""
+    """A seal over the log's read order up to ``through_position`` (tamper evidence).
+
+    ``formula`` says what each event adds to the digest (see :mod:`ledger.integrity`):
+    None (the first formula) its position, id and hash; 2 also every column the hash
+    chain does not cover (type, record time, transaction id, ...).
+    """
 
     type: Literal["seal"] = "seal"
     through_position: int
     event_count: int
     digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     occurred_at: Timestamp
+    formula: Annotated[Literal[2] | None, Field(exclude_if=_is_none)] = None
 
     @property
     def stream(self) -> str:
@@ -552,7 +558,7 @@ def encode_content(event: _EventBase) -> tuple[str, bytes]:
 
 # Fields added after the first release: None is the default and stays out of the
 # payload (``exclude_if``), so the content digest of an older event does not change.
-_OMITTED_WHEN_NONE = ("size_increment",)
+_OMITTED_WHEN_NONE = ("size_increment", "formula")
 
 
 def _json_default(value: object) -> object:

@@ -5,13 +5,26 @@
   and checks every seal against the log.
 - :func:`append_seal`: appends a ``LogSealed`` record over the log's committed prefix.
 
-A seal's digest is chained over ``(global_position, event_id, hash)`` of every event in
-the log's gap-free read order (transaction id, then position) up to and including the
-event at ``through_position``. Read order, not bare position order: an event of a
-transaction still running when the seal is taken may hold a lower position and commit
-later, but never sorts before the sealed prefix in read order, so a seal stays valid
-for ever on an untouched log. Deleting or editing any sealed event, removing a whole
-stream, or truncating the sealed part of the log changes the digest or the count.
+A seal's digest is chained over every event in the log's gap-free read order
+(transaction id, then position) up to and including the event at ``through_position``:
+formula 2 (every seal written now) over each event's position, transaction id, id,
+hash, type, schema version, occurred and recorded times, causation and correlation ids
+(every column the hash chain does not already cover); the first formula, kept for the
+seals of older logs, over ``(global_position, event_id, hash)`` only. Read order, not
+bare position order: an event of a transaction still running when the seal is taken
+may hold a lower position and commit later, but never sorts before the sealed prefix in
+read order, so a seal stays valid for ever on an untouched log. Deleting or editing any
+sealed event, removing a whole stream, or truncating the sealed part of the log changes
+the digest or the count.
+
+The hash chain covers each event's stream, version, id and payload; ``verify`` also
+checks that the ``type``, ``occurred_at`` and ``schema_version`` columns agree with the
+payload, so a fill relabelled ``mark`` is found even past the last seal.
+
+Seals live in the log they seal: someone who can cut the log's tail can cut its seals
+too. :func:`seal_record` is the latest seal as a small JSON document to keep outside
+the database (a file, a notary, a ticket); :func:`verify_against` checks that the log
+still reaches it (``ledger verify --against FILE``).
 
 The read side (:mod:`projections.audit`) adds the comparison of the projections with a
 fresh replay to make the whole of ``ledger verify``.
@@ -25,7 +38,8 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -44,20 +58,29 @@ from ledger.store import (
 )
 
 __all__ = [
+    "SEAL_FORMULA",
     "Problem",
     "SealInfo",
     "VerifyReport",
     "append_seal",
     "compute_seal",
+    "latest_seal",
     "problems_as_rows",
+    "seal_from_record",
+    "seal_record",
+    "verify_against",
     "verify_log",
 ]
+
+SEAL_FORMULA = 2
+"""The formula every new seal uses (see the module's docstring)."""
 
 _PAGE = 5000
 
 _VERIFY_PAGE = """
 SELECT global_position, stream, stream_version, event_id::text, payload::text,
-       content_digest, hash
+       content_digest, hash, type, schema_version,
+       extract(epoch FROM occurred_at)::numeric::text
 FROM events WHERE (stream, stream_version) > ($1, $2)
 ORDER BY stream, stream_version LIMIT $3
 """
@@ -65,8 +88,13 @@ _HEADS = "SELECT stream, version, last_hash FROM streams ORDER BY stream"
 _XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 # ORDER BY names the table's columns: bare ``tx_id`` would be the output's cast, which
 # no index has, and every page would sort the rest of the log (0.8 s a page at 1M).
+# Times as exact epoch text: no session setting changes it, no year is out of range.
 _SEAL_PAGE = """
-SELECT tx_id::text::bigint, global_position, event_id::text, hash, type FROM events
+SELECT tx_id::text::bigint, global_position, event_id::text, hash, type, schema_version,
+       extract(epoch FROM occurred_at)::numeric::text,
+       extract(epoch FROM recorded_at)::numeric::text,
+       causation_id::text, correlation_id::text
+FROM events
 WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
   AND tx_id < $3::text::xid8
 ORDER BY events.tx_id, events.global_position LIMIT $4
@@ -100,8 +128,22 @@ class SealInfo:
 
 
 def _seal_step(digest: bytes, position: int, event_id: str, event_hash: bytes) -> bytes:
+    """The first formula: position, id and hash (the seals of older logs)."""
     return hashlib.sha256(
         digest + struct.pack(">q", position) + uuid.UUID(event_id).bytes + event_hash
+    ).digest()
+
+
+def _seal_step_2(digest: bytes, row: asyncpg.Record) -> bytes:
+    """Formula 2: also every column the hash chain does not cover (a _SEAL_PAGE row)."""
+    tx, position, event_id, event_hash, kind, schema, occurred, recorded, cause, corr = row
+    columns = "\x00".join((kind, occurred, recorded, cause or "", corr or ""))
+    return hashlib.sha256(
+        digest
+        + struct.pack(">qqh", position, tx, schema)
+        + uuid.UUID(event_id).bytes
+        + bytes(event_hash)
+        + columns.encode()
     ).digest()
 
 
@@ -135,7 +177,8 @@ async def compute_seal(conn: asyncpg.Connection) -> tuple[SealInfo, bool] | None
     if last is not None:
         last_seal = int(last["through_position"])
         sealed_tx = await conn.fetchval(_TX_AT, last_seal)
-        if sealed_tx is not None:  # (else the event it ends at is gone: from the start)
+        # a seal of the first formula cannot be gone on from: formula 2 starts afresh
+        if sealed_tx is not None and last.get("formula") == SEAL_FORMULA:
             digest = bytes.fromhex(last["digest"])
             count = int(last["event_count"])
             tx, pos = sealed_tx, last_seal
@@ -145,10 +188,10 @@ async def compute_seal(conn: asyncpg.Connection) -> tuple[SealInfo, bool] | None
         rows = await conn.fetch(_SEAL_PAGE, str(tx), pos, str(xmin), _PAGE)
         if not rows:
             break
-        for _tx, position, event_id, event_hash, kind in rows:
-            digest = _seal_step(digest, position, event_id, bytes(event_hash))
+        for row in rows:
+            digest = _seal_step_2(digest, row)
             count += 1
-            if kind != "seal" and (continued or position > last_seal):
+            if row[4] != "seal" and (continued or row[1] > last_seal):
                 fresh = True
         tx, pos = rows[-1][0], rows[-1][1]
     if count == 0:
@@ -179,9 +222,70 @@ async def append_seal(engine: AsyncEngine) -> LogSealed | None:
         event_count=info.event_count,
         digest=info.digest,
         occurred_at=info.through_recorded_at,
+        formula=SEAL_FORMULA,
     )
     await EventStore(engine).append([seal])
     return seal
+
+
+async def latest_seal(conn: asyncpg.Connection) -> LogSealed | None:
+    """Return the seal that reaches furthest into the log, or None when there is none."""
+    best: LogSealed | None = None
+    for (payload,) in await conn.fetch(_SEALS_IN_STREAM):
+        try:
+            seal = event_from_stored(orjson.loads(payload))
+        except (ValidationError, ValueError):
+            continue  # reported by the chain check
+        if isinstance(seal, LogSealed) and (
+            best is None or seal.through_position > best.through_position
+        ):
+            best = seal
+    return best
+
+
+def seal_record(seal: LogSealed, database: str = "") -> dict[str, Any]:
+    """Return a seal as the document to keep outside the database (``--export``)."""
+    return {
+        "kind": "position-ledger seal",
+        "database": database,
+        "through_position": seal.through_position,
+        "event_count": seal.event_count,
+        "digest": seal.digest,
+        "formula": seal.formula or 1,
+        "occurred_at": seal.occurred_at.isoformat(),
+    }
+
+
+def seal_from_record(record: object) -> LogSealed:
+    """Return the seal an exported document holds.
+
+    Raises:
+        ValueError: the document is not an exported seal; the message says what is wrong.
+    """
+    if not isinstance(record, dict) or record.get("kind") != "position-ledger seal":
+        raise ValueError("not an exported seal (`ledger verify --seal --export FILE` writes one)")
+    formula = record.get("formula")
+    try:
+        return LogSealed(
+            through_position=record["through_position"],
+            event_count=record["event_count"],
+            digest=record["digest"],
+            occurred_at=record["occurred_at"],
+            formula=None if formula == 1 else formula,
+        )
+    except (KeyError, ValidationError) as exc:
+        raise ValueError(f"not a valid exported seal: {exc}") from None
+
+
+async def verify_against(conn: asyncpg.Connection, seal: LogSealed) -> list[Problem]:
+    """Check that the log still reaches an exported seal: same events, same digest.
+
+    A log whose tail was cut (events and the seals over them deleted, the stream heads
+    set back) verifies on its own; it no longer reaches a seal kept outside it.
+    """
+    report = VerifyReport()
+    await _check_seals(conn, report, [(None, seal)])
+    return report.problems
 
 
 # ------------------------------------------------------------------ verify
@@ -242,7 +346,8 @@ async def _verify_chains(
         rows = await conn.fetch(_VERIFY_PAGE, key[0], key[1], _PAGE)
         if not rows:
             return
-        for position, stream, version, event_id, payload, stored_digest, stored_hash in rows:
+        for row in rows:
+            position, stream, version, event_id, payload, stored_digest, stored_hash = row[:7]
             report.events += 1
             stored_digest, stored_hash = bytes(stored_digest), bytes(stored_hash)
             prev = last.get(stream)
@@ -269,7 +374,7 @@ async def _verify_chains(
                         expected_version,
                     )
                 )
-            problem = _check_event(stream, event_id, payload, stored_digest)
+            problem = _check_event(stream, event_id, payload, stored_digest, row[7:])
             if problem is None and linked:
                 previous_hash = GENESIS_HASH if prev is None else prev[1]
                 if chain_hash(previous_hash, version, event_id, stored_digest) != stored_hash:
@@ -282,11 +387,18 @@ async def _verify_chains(
         key = (rows[-1][1], rows[-1][2])
 
 
-def _check_event(stream: str, event_id: str, payload: str, stored_digest: bytes) -> str | None:
+def _check_event(
+    stream: str, event_id: str, payload: str, stored_digest: bytes, columns: Sequence[Any]
+) -> str | None:
     try:
         event = event_from_stored(orjson.loads(payload))
-    except (ValidationError, orjson.JSONDecodeError) as exc:
-        first = str(exc).splitlines()[0]
+    except (ValidationError, orjson.JSONDecodeError, ValueError, ArithmeticError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, ValidationError):  # name the field and the value
+            first = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r:.60})"
+                for e in exc.errors(include_url=False)
+            )
         return f"payload is no longer a valid event ({first})"
     _, digest = encode_event(event)
     if digest != stored_digest:
@@ -295,7 +407,23 @@ def _check_event(stream: str, event_id: str, payload: str, stored_digest: bytes)
         return f"payload belongs to stream {event.stream!r}"
     if event.event_id != event_id:
         return f"payload's event id is {event.event_id}, the row says {event_id}"
+    kind, schema_version, occurred = columns
+    if kind != event.type:
+        return f"the type column says {kind!r}, the payload is a {event.type!r} event"
+    if schema_version != event.schema_version:
+        return f"the schema_version column says {schema_version}, the payload is version 1"
+    at = getattr(event, "occurred_at", None)
+    if at is not None and Decimal(occurred) != _epoch(at):
+        return f"the occurred_at column differs from the payload's ({at.isoformat()})"
     return None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _epoch(at: datetime) -> Decimal:
+    delta = at - _EPOCH
+    return Decimal(delta.days * 86400 + delta.seconds) + Decimal(delta.microseconds).scaleb(-6)
 
 
 async def _verify_heads(
@@ -343,27 +471,44 @@ async def _verify_heads(
 
 
 async def _verify_seals(conn: asyncpg.Connection, report: VerifyReport) -> None:
-    seals: list[tuple[int, LogSealed]] = []
+    seals: list[tuple[int | None, LogSealed]] = []
     for position, payload in await conn.fetch(_SEALS):
         try:
             event = event_from_stored(orjson.loads(payload))
-        except ValidationError:
+        except (ValidationError, ValueError):
             continue  # reported by the chain check
         if isinstance(event, LogSealed):
             seals.append((position, event))
     report.seals = len(seals)
+    await _check_seals(conn, report, seals)
+
+
+def _where(seal_position: int | None) -> str:
+    return (
+        "the exported seal" if seal_position is None else f"seal at global position {seal_position}"
+    )
+
+
+async def _check_seals(
+    conn: asyncpg.Connection, report: VerifyReport, seals: list[tuple[int | None, LogSealed]]
+) -> None:
+    """Recompute the digest from the first event; report each seal it does not match.
+
+    ``seals`` holds (the seal's own global position, or None for an exported seal; the
+    seal). Both formulas are computed side by side, the first only when a seal uses it.
+    """
     if not seals:
         return
     tx_of = {r[0]: r[1] for r in await conn.fetch(_TX_OF, [s.through_position for _, s in seals])}
-    pending: dict[tuple[int, int], list[tuple[int, LogSealed]]] = defaultdict(list)
+    pending: dict[tuple[int, int], list[tuple[int | None, LogSealed]]] = defaultdict(list)
     for position, seal in seals:
         tx = tx_of.get(seal.through_position)
         if tx is None:
             report.problems.append(
                 Problem(
                     "SEAL_MISMATCH",
-                    f"seal at global position {position}: the event it ends at (global "
-                    f"position {seal.through_position}) is no longer in the log",
+                    f"{_where(position)}: the event it ends at (global position "
+                    f"{seal.through_position}) is no longer in the log",
                     "seal/log",
                     seal.through_position,
                 )
@@ -372,8 +517,9 @@ async def _verify_seals(conn: asyncpg.Connection, report: VerifyReport) -> None:
         pending[(tx, seal.through_position)].append((position, seal))
     if not pending:
         return
+    first_formula = any(s.formula is None for group in pending.values() for _, s in group)
     end = max(pending)
-    digest = GENESIS_HASH
+    digest = digest_2 = GENESIS_HASH
     count = 0
     tx, pos = 0, 0
     xmin = end[0] + 1
@@ -381,18 +527,22 @@ async def _verify_seals(conn: asyncpg.Connection, report: VerifyReport) -> None:
         rows = await conn.fetch(_SEAL_PAGE, str(tx), pos, str(xmin), _PAGE)
         if not rows:
             break
-        for row_tx, position, event_id, event_hash, _kind in rows:
+        for row in rows:
+            row_tx, position, event_id, event_hash = row[0], row[1], row[2], row[3]
             if (row_tx, position) > end:
                 break
-            digest = _seal_step(digest, position, event_id, bytes(event_hash))
+            if first_formula:
+                digest = _seal_step(digest, position, event_id, bytes(event_hash))
+            digest_2 = _seal_step_2(digest_2, row)
             count += 1
             for seal_position, seal in pending.get((row_tx, position), ()):
-                if count != seal.event_count or digest.hex() != seal.digest:
+                got = digest if seal.formula is None else digest_2
+                if count != seal.event_count or got.hex() != seal.digest:
                     report.problems.append(
                         Problem(
                             "SEAL_MISMATCH",
-                            f"seal at global position {seal_position} (through global "
-                            f"position {seal.through_position}): it sealed "
+                            f"{_where(seal_position)} (through global position "
+                            f"{seal.through_position}): it sealed "
                             f"{seal.event_count} events, the log now holds {count} up to that "
                             "point"
                             + (

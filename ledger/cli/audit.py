@@ -7,11 +7,14 @@ CLI module imports it at its end). Exit statuses: 0 clean; 2 a usage or input er
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 import typer
 
 from ledger.api import Verification, row_of
@@ -34,7 +37,7 @@ from ledger.cli.common import (
     standby,
 )
 from ledger.events import LogSealed, ReconciliationCompleted
-from ledger.integrity import problems_as_rows
+from ledger.integrity import problems_as_rows, seal_from_record, seal_record
 from ledger.values import to_decimal
 from projections.reconcile import (
     BrokerStatement,
@@ -285,33 +288,8 @@ def _seal_row(seal: LogSealed) -> dict[str, Any]:
     }
 
 
-@app.command("verify")
-def verify_command(
-    seal: Annotated[
-        bool,
-        typer.Option("--seal", help="When the log verifies, append a seal over it."),
-    ] = False,
-    projections: Annotated[
-        bool,
-        typer.Option(
-            "--projections/--no-projections",
-            help="Also compare the projections with a fresh replay (caught up first).",
-        ),
-    ] = True,
-    fmt: Annotated[
-        TableOrJson, typer.Option("--format", "-f", help="Output format.")
-    ] = TableOrJson.table,
-) -> None:
-    """Recompute the hash chains and seals; find edited, deleted and truncated events.
-
-    Exit status 0 when the log verifies, 1 when it finds tamper evidence.
-    """
-
-    async def _verify() -> Verification:
-        async with await connect() as ledger:
-            return await ledger.verify(projections=projections, seal=seal)
-
-    report = run(_verify())
+def _print_verify(report: Verification, *, seal: bool, fmt: TableOrJson) -> bool:
+    """Print what ``verify`` found; return whether the log verifies."""
     sealed, caught_up_error = report.sealed, report.catch_up_error
     problems = problems_as_rows(report.problems)
     if caught_up_error:
@@ -361,6 +339,85 @@ def verify_command(
             out.print("[dim]nothing new to seal[/]")
         elif seal:
             out.print("[yellow]not sealed: the log does not verify[/]")
+    return ok
+
+
+@app.command("verify")
+def verify_command(
+    seal: Annotated[
+        bool,
+        typer.Option("--seal", help="When the log verifies, append a seal over it."),
+    ] = False,
+    projections: Annotated[
+        bool,
+        typer.Option(
+            "--projections/--no-projections",
+            help="Also compare the projections with a fresh replay (caught up first).",
+        ),
+    ] = True,
+    fmt: Annotated[
+        TableOrJson, typer.Option("--format", "-f", help="Output format.")
+    ] = TableOrJson.table,
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            "--export",
+            help="Write the latest seal to FILE ('-' for stdout), to keep outside the database.",
+        ),
+    ] = None,
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--against",
+            help="Also check that the log still reaches the seal exported to FILE.",
+        ),
+    ] = None,
+) -> None:
+    """Recompute the hash chains and seals; find edited, deleted and truncated events.
+
+    Exit status 0 when the log verifies, 1 when it finds tamper evidence.
+    """
+    outside: LogSealed | None = None
+    if against is not None:
+        try:
+            outside = seal_from_record(orjson.loads(against.read_bytes()))
+        except (OSError, orjson.JSONDecodeError, ValueError) as exc:
+            err.print(
+                f"[bold red]error:[/] --against: cannot read a seal from {str(against)!r}: {exc}"
+            )
+            raise typer.Exit(2) from None
+
+    async def _verify() -> tuple[Verification, LogSealed | None]:
+        async with await connect() as ledger:
+            report = await ledger.verify(projections=projections, seal=seal, against=outside)
+            latest = await ledger.latest_seal() if export is not None and report.ok else None
+        return report, latest
+
+    report, latest = run(_verify())
+    # with --export -, stdout carries the seal alone: the report goes to stderr
+    with contextlib.redirect_stdout(sys.stderr if str(export) == "-" else sys.stdout):
+        ok = _print_verify(report, seal=seal, fmt=fmt)
+    if export is not None and latest is not None:
+        document = orjson.dumps(seal_record(latest), option=orjson.OPT_INDENT_2) + b"\n"
+        if str(export) == "-":
+            sys.stdout.buffer.write(document)
+            sys.stdout.flush()
+        else:
+            try:
+                export.write_bytes(document)
+            except OSError as exc:
+                err.print(f"[bold red]error:[/] --export: cannot write {str(export)!r}: {exc}")
+                raise typer.Exit(2) from None
+    if export is not None and str(export) != "-":
+        if latest is not None:
+            err.print(
+                f"exported the seal through global position {latest.through_position} to {export}",
+                highlight=False,
+            )
+        elif ok:
+            err.print("[yellow]nothing exported: the log has no seal yet (add --seal)[/]")
+        else:
+            err.print("[yellow]nothing exported: the log does not verify[/]")
     if not ok:
         raise typer.Exit(EXIT_TAMPERED)
 
