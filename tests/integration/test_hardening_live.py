@@ -69,3 +69,36 @@ def test_an_extreme_timestamp_is_dead_lettered_and_the_feed_goes_on(
     assert "9999-12-31T23:59:59-01:00" in rejected[1][1]
     c = counters(db_url)
     assert (c["received"], c["appended"], c["rejected"]) == (5, 3, 2)
+
+
+def test_consume_refuses_what_the_store_refuses(
+    nats_url: str, cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    """Issue 13, item 2: the feed's path into the log runs the store's checks."""
+    off_tick = {**fill(1), "price": "6000.1"}
+    fractional = {**fill(2), "qty": "1.5"}
+    unknown_bust = {
+        "type": "bust",
+        "account": "A1",
+        "contract": INSTRUMENT["contract"],
+        "exec_id": "NEVER",
+        "occurred_at": "2025-01-21T12:00:00Z",
+    }
+    messages = [("ledger.in.instruments", orjson.dumps(INSTRUMENT))]
+    messages += [
+        ("ledger.in.fills", orjson.dumps(r)) for r in (off_tick, fractional, unknown_bust, fill(3))
+    ]
+    publish(nats_url, messages)
+    log = tmp_path / "consume.log"
+    proc = start_consumer(cli_env, nats_url, log, "--idle-exit", "3")
+    assert wait_exit(proc, log) == 0, log.read_text()[-4000:]
+    assert query(db_url, "SELECT type, payload->>'exec_id' FROM events ORDER BY 1, 2") == [
+        ("fill", "X3"),
+        ("instrument", None),
+    ]
+    rejected = query(db_url, "SELECT reason, message FROM rejected ORDER BY id")
+    assert [r[0] for r in rejected] == ["OFF_TICK_PRICE", "OFF_SIZE_INCREMENT", "UNKNOWN_EXECUTION"]
+    assert "price: 6000.1" in rejected[0][1] and "qty: 1.5" in rejected[1][1]
+    assert "'NEVER'" in rejected[2][1]
+    c = counters(db_url)
+    assert (c["received"], c["appended"], c["rejected"]) == (5, 2, 3)
