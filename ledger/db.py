@@ -45,6 +45,7 @@ __all__ = [
     "make_engine",
     "mask_secrets",
     "migrate",
+    "migrate_embedded",
     "open_engine",
     "plain_url",
     "redact",
@@ -269,8 +270,12 @@ def database_url(
     *,
     init: bool = False,
     announce: Callable[[EmbeddedPostgres], None] | None = None,
+    owner: bool = False,
 ) -> str:
     """Return the URL to use: ``LEDGER_DATABASE_URL``, or the embedded cluster (started).
+
+    The embedded cluster's URL connects as ``ledger_app``; with ``owner``, as the
+    cluster's owner (for migrations: :func:`migrate_embedded`).
 
     The one rule for every entry point (the CLI and :class:`ledger.Ledger`): with
     ``LEDGER_DATABASE_URL`` unset the embedded cluster under ``LEDGER_HOME`` is created
@@ -291,6 +296,30 @@ def database_url(
     started = cluster.start()
     if (created or started) and not init and announce is not None:
         announce(cluster)
+    return cluster.owner_url if owner else cluster.url
+
+
+async def migrate_embedded(settings: Settings, *, always: bool = True) -> str:
+    """Migrate the embedded cluster as its owner, let ``ledger_app`` log in; return its URL.
+
+    Day-to-day work on the embedded cluster runs as ``ledger_app`` (no DDL, no triggers
+    to switch off); only the migrations run as the cluster's owner.
+
+    Args:
+        settings: the ledger's settings (``LEDGER_DATABASE_URL`` unset).
+        always: run the migrations even when the schema is at head (``ledger db init``).
+    """
+    owner_url = database_url(settings, init=True, owner=True)
+    if not always:
+        owner = make_engine(owner_url)
+        try:
+            always = await current_revision(owner) != head_revision()
+        finally:
+            await owner.dispose()
+    if always:
+        await migrate(owner_url)
+    cluster = EmbeddedPostgres(settings.home)
+    await cluster.allow_app_login()
     return cluster.url
 
 
@@ -302,16 +331,18 @@ async def open_engine(
 ) -> AsyncIterator[AsyncEngine]:
     """Yield an engine on a migrated database (the embedded one is migrated on first use).
 
+    On the embedded cluster the engine connects as ``ledger_app``.
+
     Raises:
         NotMigrated: ``LEDGER_DATABASE_URL`` names a database without the current schema.
         DatabaseUnavailable: the server cannot be reached.
     """
     settings = settings or Settings()
     url = database_url(settings, announce=announce)
+    if not settings.database_url:
+        await migrate_embedded(settings, always=False)
     engine = make_engine(url)
     try:
-        if not settings.database_url and await current_revision(engine) != head_revision():
-            await migrate(url)
         if DatabaseURL.parse(url).multi_host:
             # a cluster may be between primaries right now (a failover takes seconds):
             # wait for one, bounded, rather than fail a command started meanwhile

@@ -2,20 +2,35 @@
 
 With no ``LEDGER_DATABASE_URL`` the CLI initializes a cluster with the server binaries
 found on the machine (``pg_config --bindir``, ``PATH``, ``/usr/lib/postgresql/*/bin``),
-starts it on a free loopback port, and migrates it. ``initdb`` and ``postgres`` refuse
-to run as root, so as root the cluster is owned by and run as the ``postgres`` system
-user, and the directories above ``LEDGER_HOME`` are made traversable for it.
+starts it, and migrates it. ``initdb`` and ``postgres`` refuse to run as root, so as
+root the cluster is owned by and run as the ``postgres`` system user, and the
+directories above ``LEDGER_HOME`` are made traversable for it.
+
+Only its owner can reach it: the server listens on no TCP port at all, only on a Unix
+socket in ``LEDGER_HOME/run``, a directory only the cluster's system user can enter
+(mode 0700; root passes any permission). Another local user cannot even reach the
+socket, so the trust authentication behind it is the owner's alone. A cluster made by
+an older version (trust on 127.0.0.1, open to every local user) is closed the same way
+the next time a command starts it.
+
+Day-to-day commands connect as ``ledger_app`` (:attr:`EmbeddedPostgres.url`): SELECT
+and INSERT on the log, the DML the projections need, no DDL, no triggers to switch off.
+Migrations run as the cluster's owner ``ledger`` (:attr:`EmbeddedPostgres.owner_url`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import asyncpg
 
 from ledger.errors import EmbeddedPostgresError, ServerBinariesMissing
 
@@ -23,7 +38,12 @@ __all__ = ["EmbeddedPostgres", "find_bindir"]
 
 _RUN_AS = "postgres"
 _USER = "ledger"
+_APP_USER = "ledger_app"
 _DBNAME = "ledger"
+_PRIVATE = "# position-ledger: private socket only"
+# A Unix socket's path (sun_path) holds 107 bytes: a longer LEDGER_HOME gets its socket
+# directory under the temporary directory instead.
+_MAX_SOCKET_PATH = 100
 
 
 def find_bindir() -> Path:
@@ -92,9 +112,27 @@ class EmbeddedPostgres:
         return int(self.port_file.read_text().strip())
 
     @property
+    def socket_dir(self) -> Path:
+        """Return the directory of the server's socket (only the owner can enter it)."""
+        inside = self.home / "run"
+        if len(str(inside / f".s.PGSQL.{self.port}")) <= _MAX_SOCKET_PATH:
+            return inside
+        tag = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"position-ledger-{tag}"
+
+    def _url(self, user: str) -> str:
+        # the port names the socket file (.s.PGSQL.<port>); nothing listens on TCP
+        return f"postgresql://{user}@/{_DBNAME}?host={self.socket_dir}&port={self.port}"
+
+    @property
     def url(self) -> str:
-        """Return the plain URL of the ledger database in this cluster."""
-        return f"postgresql://{_USER}@127.0.0.1:{self.port}/{_DBNAME}"
+        """Return the URL day-to-day commands use: the ledger database as ``ledger_app``."""
+        return self._url(_APP_USER)
+
+    @property
+    def owner_url(self) -> str:
+        """Return the URL of the cluster's owner (for migrations)."""
+        return self._url(_USER)
 
     @property
     def initialized(self) -> bool:
@@ -156,7 +194,8 @@ class EmbeddedPostgres:
                 str(self.datadir),
                 "-U",
                 _USER,
-                "--auth=trust",
+                "--auth-local=trust",
+                "--auth-host=reject",
                 "-E",
                 "UTF8",
                 "--locale=C.UTF-8",
@@ -166,14 +205,55 @@ class EmbeddedPostgres:
         with (self.datadir / "postgresql.conf").open("a") as conf:
             conf.write(
                 "\n# position-ledger embedded cluster\n"
-                "listen_addresses = '127.0.0.1'\n"
                 f"port = {port}\n"
-                "unix_socket_directories = ''\n"
                 "idle_in_transaction_session_timeout = '5min'\n"
             )
         self.port_file.write_text(f"{port}\n")
+        self._make_private()
         self._hand_over()
         return True
+
+    def _make_private(self) -> bool:
+        """Close the cluster to every local user but its owner; return whether it changed.
+
+        No TCP listener; the socket in a directory of mode 0700; only local (socket)
+        lines in pg_hba.conf. Idempotent: a cluster already closed is left as it is.
+        """
+        conf = self.datadir / "postgresql.conf"
+        text = conf.read_text()
+        changed = False
+        if _PRIVATE not in text:
+            with conf.open("a") as out:  # later settings override earlier ones
+                out.write(
+                    f"\n{_PRIVATE}\n"
+                    "listen_addresses = ''\n"
+                    f"unix_socket_directories = '{self.socket_dir}'\n"
+                    "unix_socket_permissions = 0700\n"
+                )
+            changed = True
+        hba = self.datadir / "pg_hba.conf"
+        wanted = f"{_PRIVATE}\nlocal all all trust\n"
+        if hba.read_text() != wanted:
+            hba.write_text(wanted)
+            changed = True
+        self._socket_dir_for_owner()
+        return changed
+
+    def _socket_dir_for_owner(self) -> None:
+        """Create the socket directory, mode 0700, owned by the server's user."""
+        directory = self.socket_dir
+        directory.mkdir(mode=0o700, exist_ok=True)
+        if directory.is_symlink() or not directory.is_dir():
+            raise EmbeddedPostgresError(f"{directory} is not a directory the ledger can own")
+        uid = pwd.getpwnam(_RUN_AS).pw_uid if self._as_root() else os.geteuid()
+        if self._as_root():
+            os.chown(directory, uid, -1)
+        if directory.stat().st_uid != uid:
+            raise EmbeddedPostgresError(
+                f"{directory} belongs to another user: remove it (the cluster's socket "
+                "goes there, and only the cluster's owner may enter it)"
+            )
+        directory.chmod(0o700)
 
     def running(self) -> bool:
         """Return whether the cluster's server is running."""
@@ -185,7 +265,18 @@ class EmbeddedPostgres:
         return result.returncode == 0
 
     def start(self) -> bool:
-        """Start the server if it is not running; return whether it was started."""
+        """Start the server if it is not running; return whether it was started.
+
+        A cluster still open to other local users (made by an older version) is closed
+        first, and restarted if it runs.
+        """
+        if self._make_private() and self.running():
+            self._hand_over()
+            self._run(
+                [str(find_bindir() / "pg_ctl"), "restart", "-w", "-t", "60", "-m", "fast",
+                 "-D", str(self.datadir), "-l", str(self.logfile)]
+            )  # fmt: skip
+            return True
         if self.running():
             return False
         self._hand_over()
@@ -214,9 +305,31 @@ class EmbeddedPostgres:
         )
         return True
 
+    async def allow_app_login(self) -> None:
+        """Let ``ledger_app`` (created by the first migration) log in; idempotent."""
+        conn = await asyncpg.connect(self.owner_url)
+        try:
+            can = await conn.fetchval(
+                "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", _APP_USER
+            )
+            if can is False:
+                await conn.execute(f"ALTER ROLE {_APP_USER} LOGIN")
+        finally:
+            await conn.close()
+
     def _ensure_database(self) -> None:
         psql = find_bindir() / "psql"
-        base = ["-h", "127.0.0.1", "-p", str(self.port), "-U", _USER, "-d", "postgres", "-tAc"]
+        base = [
+            "-h",
+            str(self.socket_dir),
+            "-p",
+            str(self.port),
+            "-U",
+            _USER,
+            "-d",
+            "postgres",
+            "-tAc",
+        ]
         if psql.is_file():
             found = self._run(
                 [str(psql), *base, f"SELECT 1 FROM pg_database WHERE datname = '{_DBNAME}'"]
@@ -226,6 +339,7 @@ class EmbeddedPostgres:
         else:
             createdb = find_bindir() / "createdb"
             self._run(
-                [str(createdb), "-h", "127.0.0.1", "-p", str(self.port), "-U", _USER, _DBNAME],
+                [str(createdb), "-h", str(self.socket_dir), "-p", str(self.port), "-U", _USER,
+                 _DBNAME],
                 check=False,
-            )
+            )  # fmt: skip

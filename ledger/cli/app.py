@@ -43,7 +43,7 @@ from ledger.cli.common import (
     run,
 )
 from ledger.cli.demo import DayPlan, generate_day
-from ledger.db import current_revision, head_revision, make_engine, migrate
+from ledger.db import current_revision, head_revision, make_engine, migrate, migrate_embedded
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
 from ledger.settings import Settings
@@ -55,9 +55,11 @@ def db_init() -> None:
 
     async def _init() -> str:
         settings = Settings()
-        url = database_url(settings, init=True)
-        await migrate(url)
-        return url
+        if settings.database_url:
+            await migrate(settings.database_url)
+            return settings.database_url
+        await migrate_embedded(settings)
+        return database_url(settings, init=True)
 
     url = run(_init())
     out.print(f"database ready at schema revision {head_revision()}: {_redact(url)}")

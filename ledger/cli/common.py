@@ -145,7 +145,7 @@ def _masked(text: str, settings: Settings) -> str:
 
 
 def _announce(cluster: EmbeddedPostgres) -> None:
-    err.print(f"[dim]embedded PostgreSQL at {cluster.home} (port {cluster.port})[/]")
+    err.print(f"[dim]embedded PostgreSQL at {cluster.home} (socket in {cluster.socket_dir})[/]")
 
 
 def database_url(settings: Settings, *, init: bool = False) -> str:
