@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ledger.errors import RejectReason
@@ -522,3 +522,86 @@ def test_csv_rows_are_each_accounted_for(rows: list[list[str]]) -> None:
             assert isinstance(result, Parsed), result
             assert isinstance(result.event, FillRecorded)
             assert result.event.qty.as_tuple() == Decimal(row[5]).as_tuple()
+
+
+# --------------------------------------------------------------------------- hostile
+
+from hostile_json import dumps as hostile_dumps  # noqa: E402
+from hostile_json import hostile_record  # noqa: E402
+
+from ledger.values import (  # noqa: E402
+    ID_PATTERN,
+    MAX_INTEGER_DIGITS,
+    MAX_SCALE,
+    is_on_tick,
+)
+
+
+def _assert_admitted(event: object) -> None:
+    """An event that passed the edge carries only what the ledger can carry exactly."""
+    for name, value in vars(event).items():
+        if isinstance(value, Decimal):
+            exponent = value.as_tuple().exponent
+            assert isinstance(exponent, int) and exponent >= -MAX_SCALE, (name, value)
+            assert abs(value) < Decimal(10) ** MAX_INTEGER_DIGITS, (name, value)
+        elif isinstance(value, datetime):
+            assert value.tzinfo is not None and 1900 <= value.year < 2200, (name, value)
+        elif name in ("account", "contract", "exec_id", "order_id") and value is not None:
+            assert ID_PATTERN.fullmatch(value), (name, value)
+    if isinstance(event, InstrumentDefined):
+        assert event.point_value * event.tick_size == event.tick_value
+    price = getattr(event, "price", None)
+    if price is not None:
+        is_on_tick(price, Decimal("0.25"))  # never raises (DivisionImpossible at 28 digits)
+        is_on_tick(price, Decimal("0.000000000001"))
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=SUPPRESS)
+@given(records=st.lists(hostile_record(), min_size=1, max_size=8), fmt=st.sampled_from(
+    ["auto", "native", "projectx"]))  # fmt: skip
+def test_hostile_json_never_escapes_and_every_line_is_accounted_for(
+    records: list[object], fmt: str
+) -> None:
+    """Every source: a message at a time, and a file of lines; both say the same."""
+    lines = [hostile_dumps(r) for r in records]
+    per_message = []
+    for number, line in enumerate(lines, start=1):
+        results = parse_message(line, SourceRef("fuzz", number), fmt)  # type: ignore[arg-type]
+        assert results or line.startswith(b"["), line  # only an empty list yields nothing
+        for result in results:
+            assert result.ref.line == number
+            if isinstance(result, Parsed):
+                _assert_admitted(result.event)
+            else:
+                assert isinstance(result, Rejected) and result.message
+        per_message += results
+    data = b"\n".join(lines) + b"\n"
+    from_file = list(iter_file(io.BytesIO(data), "fuzz", fmt))  # type: ignore[arg-type]
+    assert [(r.ref.line, type(r)) for r in from_file] == [
+        (r.ref.line, type(r)) for r in per_message
+    ]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=SUPPRESS)
+@given(records=st.lists(hostile_record(), min_size=1, max_size=6))
+def test_hostile_csv_rows_never_escape(records: list[object]) -> None:
+    rows = [r for r in records if isinstance(r, dict)]
+    assume(rows)
+    header = sorted({str(k) for r in rows for k in r} | {"type"})
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(
+            [
+                v.text if hasattr(v, "text") else hostile_dumps(v).decode()
+                if isinstance(v, dict | list)
+                else "" if v is None else str(v)
+                for v in (row.get(k) for k in header)
+            ]
+        )  # fmt: skip
+    for result in iter_file(io.BytesIO(out.getvalue().encode()), "fuzz.csv", "csv"):
+        if isinstance(result, Parsed):
+            _assert_admitted(result.event)
+        else:
+            assert result.message
