@@ -377,3 +377,18 @@ async def _count(db_url: str) -> int:
         return int(await conn.fetchval("SELECT count(*) FROM events"))
     finally:
         await conn.close()
+
+
+async def test_the_api_dead_letters_what_the_store_refuses(db_url: str) -> None:
+    """ledger.Ledger.append: the same three, dead-lettered with their reasons, none appended."""
+    from ledger import Ledger
+
+    async with await Ledger.connect(db_url) as ledger:
+        await ledger.append([parse_event(INSTRUMENT)])
+        bad = [parse_event(r) for r, _, _ in BAD_FOR_EVERY_PATH]
+        counts = await ledger.append(bad)
+        assert (counts.received, counts.appended, counts.rejected) == (3, 0, 3)
+        dead = await ledger.rejected()
+        for letter, (_, reason, needle) in zip(dead, BAD_FOR_EVERY_PATH, strict=True):
+            assert letter.reason == reason and needle in letter.message
+        assert [e.type for e in await ledger.log()] == ["instrument"]
