@@ -165,7 +165,9 @@ def projectx_position(draw: st.DrawFn) -> tuple[dict[str, object], dict[str, Dec
 @st.composite
 def projectx_contract(draw: st.DrawFn) -> tuple[dict[str, object], dict[str, Decimal]]:
     tick_size = draw(decimal_text(positive=True))
-    tick_value = draw(decimal_text(positive=True))
+    # the point value (tick value / tick size) must be an exact decimal: a multiple
+    points = draw(st.integers(1, 10**7)) * Decimal(10) ** -draw(st.integers(0, 3))
+    tick_value = str(Decimal(tick_size) * points)
     record: dict[str, object] = {
         "id": draw(TOKEN),
         "name": "X",
