@@ -126,16 +126,11 @@ class Ingester:
         log. Bounded and logged (``LEDGER_RECONNECT_TIMEOUT``); past it, one clear error.
         """
 
-        def _forget() -> None:
-            # instruments seen in the failed batch may not have committed
-            self._instruments.clear()
-            self._loaded = False
-
+        # (nothing to forget between tries: the store caches only committed instruments)
         return await retry_transient(
             lambda: self.write_batch(items),
             f"writing a batch of {len(items)} records",
             engine=self.store.engine,
-            on_retry=_forget,
         )
 
     async def write_batch(self, items: Sequence[Item]) -> IngestCounts:
