@@ -6,6 +6,7 @@ Not part of the ledger: the scripts in this directory import it by file location
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
@@ -36,6 +37,7 @@ __all__ = [
     "load_average",
     "peak_rss_mib",
     "print_figures",
+    "print_json_line",
     "server_settings",
     "table_scans",
     "throwaway_database",
@@ -275,3 +277,17 @@ def print_figures(
     console.print(table)
     for note in notes:
         console.print(note, highlight=False)
+
+
+def print_json_line(figures: dict[str, float | int | bool | str | None]) -> None:
+    """Print a run's named figures as ONE JSON line, the last line a bench prints.
+
+    Numbers stay JSON numbers (floats rounded to 4 significant decimals after the point
+    where that loses nothing useful), so runs compare without reading the tables.
+    """
+    out: dict[str, float | int | bool | str | None] = {}
+    for name, value in figures.items():
+        if isinstance(value, float):
+            value = round(value, 4) if abs(value) < 100 else round(value, 1)
+        out[name] = value
+    print(json.dumps(out, separators=(", ", ": ")), flush=True)
