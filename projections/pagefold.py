@@ -39,6 +39,7 @@ __all__ = [
     "collect",
     "copy_text",
     "fold_rows",
+    "replay_rows",
     "restate_stream",
     "stream_row",
 ]
@@ -164,10 +165,15 @@ def trim_journal(rows: list[StreamRow], marks: Marks) -> int:
     """
     if not marks.points:
         return 0
-    oldest = marks.points[0].key
+    oldest_at, oldest_position = marks.points[0].key
     keep_from = -1
     for row in rows:
-        if row[1] == "fill" and (row[3], row[0]) > oldest and (keep_from < 0 or row[0] < keep_from):
+        # (row[3], row[0]) > the mark's key, without a tuple per row
+        if (
+            row[1] == "fill"
+            and (row[3] > oldest_at or (row[3] == oldest_at and row[0] > oldest_position))
+            and (keep_from < 0 or row[0] < keep_from)
+        ):
             keep_from = row[0]
     before = len(rows)
     if keep_from < 0:
@@ -705,6 +711,23 @@ def restate_stream(
     if seed_fills:
         seed = (from_day, seed_fifo, seed_wac, seed_fees, seed_fills)
     return Restated(state, effects, forget, before_day, seed)
+
+
+def replay_rows(state: PositionState, events: list[StreamRow]) -> PositionState:
+    """Fold a stream's standing fills, from its parsed rows (any order), into ``state``.
+
+    ``projections.positions.replay`` without pydantic events or per-fill effects: the
+    same rules (``_standing``) and the same fold, for reads that want only the state.
+    """
+    fills, _, _ = _standing(events, _NO_NEW)
+    for f in fills:
+        _fold_fill(
+            state, f.exec_id, f.side is Side.BUY, f.qty, f.price, f.fee, f.occurred_at, f.position
+        )
+    return state
+
+
+_NO_NEW = 1 << 62  # a log position no row reaches: no row is new
 
 
 def _day(at: datetime, utc_days: bool, day_of: Callable[[datetime], date]) -> date:

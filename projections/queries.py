@@ -30,6 +30,7 @@ import orjson
 
 from ledger.events import FillBusted, FillCorrected, FillRecorded, event_from_stored
 from ledger.values import point_value
+from projections.pagefold import replay_rows, stream_row
 from projections.pnl import PnlRow, aggregate, trading_day
 from projections.positions import (
     FillEffect,
@@ -38,6 +39,7 @@ from projections.positions import (
     apply_fill,
     effective_fills,
     is_in_order,
+    new_state,
     replay,
     unrealized,
 )
@@ -113,6 +115,13 @@ WHERE CASE WHEN type = 'fill' THEN occurred_at <= $3
       END
 ORDER BY global_position
 """
+# The whole stream's rows, for a state only (no effects): parsed without pydantic.
+REPLAY_ROWS = """
+SELECT global_position, type, payload::text, recorded_at FROM events
+WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
+  AND recorded_at <= $2
+ORDER BY global_position
+"""
 REPLAY_AS_OF = """
 SELECT global_position, payload::text FROM events
 WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
@@ -155,10 +164,14 @@ ORDER BY occurred_at, position
 
 @dataclass(frozen=True, slots=True)
 class StreamView:
-    """One position at a point in time, with the effects that made it (when replayed)."""
+    """One position at a point in time, with the effects that made it (when asked for).
+
+    ``replayed``: the state was folded from the stream's first fill, not from a snapshot.
+    """
 
     state: PositionState
     effects: tuple[FillEffect, ...] | None = None
+    replayed: bool = False
 
 
 async def serving_generation(conn: asyncpg.Connection) -> int | None:
@@ -254,6 +267,17 @@ async def stream_at(
                     break
                 folded = (first[0], first[1])
             before = min(before, folded)
+        # the whole stream: parsed as the runner parses it, folded by the runner's fold
+        rows = [
+            stream_row(position, kind, payload, recorded)
+            for position, kind, payload, recorded in await conn.fetch(
+                REPLAY_ROWS, stream, when if known_at else _FAR_FUTURE
+            )
+        ]
+        if not known_at:
+            rows = [r for r in rows if r[1] != "fill" or r[3] <= when]
+        flat = new_state(account, contract, point_value, tick_size)
+        return StreamView(replay_rows(flat, rows), replayed=True)
     if known_at:
         events = _decode(await conn.fetch(REPLAY_AS_KNOWN_AT, stream, when))
     else:
@@ -263,7 +287,7 @@ async def stream_at(
             if not isinstance(e, FillRecorded) or e.occurred_at <= when
         ]
     state, effects = replay(account, contract, point_value, tick_size, events)
-    return StreamView(state, tuple(effects))
+    return StreamView(state, tuple(effects), replayed=True)
 
 
 def _fold_tail(
