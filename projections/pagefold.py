@@ -414,7 +414,7 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
                         position,
                         occurred_at,
                         known[stream],
-                        orjson.dumps(state.to_json()).decode(),
+                        state.json_text(),
                     )
                 )
         elif kind == "instrument":
@@ -689,7 +689,7 @@ def restate_stream(
                     f.exec_id,
                     f.position,
                     f.occurred_at,
-                    f.occurred_at.isoformat(),
+                    _iso_text(f.occurred_at),
                     _SIDE_TEXT[f.side],
                     f.fee,
                     before,
@@ -728,6 +728,14 @@ def replay_rows(state: PositionState, events: list[StreamRow]) -> PositionState:
 
 
 _NO_NEW = 1 << 62  # a log position no row reaches: no row is new
+
+
+def _iso_text(at: datetime) -> str:
+    """``at.isoformat()``; for a UTC datetime through orjson, which writes the same text
+    without ``isoformat()``'s per-call ``utcoffset`` cost (tests/unit/test_compiled.py)."""
+    if at.tzinfo is UTC:
+        return orjson.dumps(at)[1:-1].decode()
+    return at.isoformat()
 
 
 def _day(at: datetime, utc_days: bool, day_of: Callable[[datetime], date]) -> date:

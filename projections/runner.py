@@ -1164,7 +1164,7 @@ class ProjectionRunner:
                     state.last_key[1],
                     state.last_key[0],
                     latest,
-                    orjson.dumps(state.to_json()).decode(),
+                    state.json_text(),
                 )
             )
 
@@ -1189,7 +1189,7 @@ class ProjectionRunner:
                     s.last_fill_at,
                     s.fill_count,
                     s.last_key[1] if s.last_key else 0,
-                    orjson.dumps(s.to_json()).decode(),
+                    s.json_text(),
                 )
             )
         return rows

@@ -11,7 +11,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
@@ -379,3 +379,50 @@ def test_history_lines_carry_the_payload_timestamp_and_running_totals() -> None:
         Decimal("4.20"),
         3,
     ]
+
+
+# ------------------------------------------------- datetimes written by orjson
+
+_any_time = st.datetimes(
+    min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)
+)
+_zoned = st.one_of(
+    _any_time.map(lambda d: d.replace(tzinfo=UTC)),
+    st.builds(
+        lambda d, minutes: d.replace(tzinfo=timezone(timedelta(minutes=minutes))),
+        st.datetimes(min_value=datetime(2, 1, 1), max_value=datetime(9998, 1, 1)),
+        st.integers(-23 * 60, 23 * 60),
+    ),
+    _any_time,  # naive
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_zoned, min_size=1, max_size=6), st.integers(0, 10**12))
+def test_json_text_is_the_to_json_text_compiled_and_source(
+    times: list[datetime], position: int
+) -> None:
+    """A state's JSON text (snapshots, positions) is what ``to_json`` and orjson give,
+    whether a datetime is written by orjson or by ``isoformat()``."""
+    for pos in (positions, SOURCE_POSITIONS):
+        state = pos.PositionState(
+            account="ACC1",
+            contract="ES",
+            point_value=Decimal("50"),
+            tick_size=Decimal("0.25"),
+            signed_qty=Decimal(len(times)),
+            lots=[pos.Lot(f"X{i}", Decimal(1), Decimal("4900.25"), t) for i, t in enumerate(times)],
+            opened_at=times[0],
+            closed_at=times[-1],
+            last_fill_at=times[-1],
+            last_key=(times[-1], position),
+            fill_count=len(times),
+        )
+        assert state.json_text() == orjson.dumps(state.to_json()).decode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(_zoned)
+def test_iso_text_is_isoformat_compiled_and_source(at: datetime) -> None:
+    for pf in (pagefold, SOURCE_PAGEFOLD):
+        assert pf._iso_text(at) == at.isoformat()
