@@ -242,7 +242,7 @@ async def stream_at(
             if not isinstance(e, FillRecorded) or e.occurred_at <= when
         ]
         state, effects = replay(account, contract, point_value, tick_size, events)
-        return StreamView(state, tuple(effects))
+        return StreamView(state, tuple(effects), replayed=True)
     known_at = clock == "as_known_at"
     if not with_effects:
         snap_sql = SNAPSHOT_AS_KNOWN_AT if known_at else SNAPSHOT_AS_OF
