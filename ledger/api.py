@@ -73,6 +73,7 @@ from ledger.store import (
     rejected_rows,
 )
 from projections import audit, queries
+from projections.faults import StreamFault
 from projections.pnl import PnlRow
 from projections.positions import Method
 from projections.queries import Clock
@@ -85,7 +86,7 @@ from projections.reconcile import (
     record_run,
 )
 from projections.runner import ProjectionRunner, RebuildResult, parse_session
-from projections.store import serving_checkpoint
+from projections.store import serving_checkpoint, stream_faults
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -341,6 +342,9 @@ class Verification:
     problems: tuple[Problem, ...]
     catch_up_error: str | None = None
     sealed: LogSealed | None = None
+    # streams the projections hold as faulted (an event the fold cannot apply): listed
+    # apart, not tamper evidence; each heals with a correction or bust
+    faulted_streams: tuple[StreamFault, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -363,6 +367,7 @@ class Stats:
     checkpoint: Mapping[str, int] | None
     last_error_at: datetime | None
     last_error: str | None
+    faulted_streams: tuple[StreamFault, ...] = ()
 
     @property
     def consistent(self) -> bool:
@@ -673,9 +678,18 @@ class Ledger:
         as_known_at: datetime | None = None,
         include_flat: bool = False,
         catch_up: bool = True,
+        faults: list[StreamFault] | None = None,
     ) -> list[Position]:
         """Return positions now, at event time ``as_of``, at knowledge time
-        ``as_known_at``, or both (the projections are caught up first)."""
+        ``as_known_at``, or both (the projections are caught up first).
+
+        A faulted stream (an event in it cannot be folded) is left out and appended to
+        ``faults`` when given.
+
+        Raises:
+            StreamFaulted: ``account`` and ``contract`` name one stream, and it is
+                faulted; the message names the event and the way out.
+        """
         clock, at, recorded_by = _clock(as_of, as_known_at)
         async with self._read(catch_up) as conn:
             rows = await queries.position_rows(
@@ -687,6 +701,7 @@ class Ledger:
                 at=at,
                 include_flat=include_flat,
                 recorded_by=recorded_by,
+                faults=faults,
             )
         return [Position(**r) for r in rows]
 
@@ -701,8 +716,12 @@ class Ledger:
         as_of: datetime | None = None,
         as_known_at: datetime | None = None,
         catch_up: bool = True,
+        faults: list[StreamFault] | None = None,
     ) -> list[PnlLine]:
-        """Return realized P&L per fill, trading day or account, one line per currency."""
+        """Return realized P&L per fill, trading day or account, one line per currency.
+
+        A faulted stream is left out and appended to ``faults`` when given.
+        """
         clock, at, recorded_by = _clock(as_of, as_known_at)
         async with self._read(catch_up) as conn:
             rows = await queries.pnl_rows(
@@ -716,6 +735,7 @@ class Ledger:
                 session_start=self._session_start,
                 session_tz=self._session_tz,
                 recorded_by=recorded_by,
+                faults=faults,
             )
         return [PnlLine.of(r, method) for r in rows]
 
@@ -867,9 +887,18 @@ class Ledger:
                 raise audit.AuditError(str(exc)) from None
 
     async def write_report(
-        self, day: date, out_dir: Path, *, as_known_at: datetime | None = None
+        self,
+        day: date,
+        out_dir: Path,
+        *,
+        as_known_at: datetime | None = None,
+        warnings: list[str] | None = None,
     ) -> list[Path]:
         """Write ``day``'s report (HTML, CSV and Parquet) into ``out_dir``; return the files.
+
+        What a reader must know before trusting the figures (a stream left out because
+        it cannot be folded, projections behind the log or faulted) is shown on the
+        page and appended to ``warnings`` when given.
 
         Raises:
             AuditError: a contract is undefined, or ``out_dir`` cannot be written.
@@ -877,6 +906,8 @@ class Ledger:
         from projections.report import write_report
 
         report = await self.report(day, as_known_at=as_known_at)
+        if warnings is not None:
+            warnings.extend(report.warnings())
         try:
             return write_report(report, out_dir)
         except OSError as exc:
@@ -901,11 +932,13 @@ class Ledger:
             async with self._read(False) as conn:
                 await self._wait_for_replay(conn)
                 report = await audit.verify(conn, check_projections=projections)
+                faults = await queries.faulted_streams(conn)
                 if against is not None:
                     report.problems.extend(await verify_against(conn, against))
         else:
             async with self._conn() as conn:
                 report = await audit.verify(conn, check_projections=projections)
+                faults = await queries.faulted_streams(conn)
                 if against is not None:
                     report.problems.extend(await verify_against(conn, against))
         # the log's own verdict decides the seal: a seal covers the log, not projections
@@ -918,7 +951,14 @@ class Ledger:
             problems=tuple(report.problems),
             catch_up_error=catch_up_error,
             sealed=sealed,
+            faulted_streams=tuple(faults),
         )
+
+    async def faulted_streams(self) -> list[StreamFault]:
+        """Return the streams the projections hold as faulted (an event in each cannot
+        be folded; a correction or bust of its execution heals it), after catching up."""
+        async with self._read(True) as conn:
+            return await queries.faulted_streams(conn)
 
     async def seal(self) -> LogSealed | None:
         """Append a seal over the log (None when nothing is new since the last one)."""
@@ -936,6 +976,7 @@ class Ledger:
         async with self._conn() as conn:
             counters = {r["name"]: r for r in await read_counters(conn)}
             serving = await serving_checkpoint(conn)
+            faults: list[StreamFault] = []
             if serving is None:  # nothing projected yet: every event is behind
                 lag_events, seconds = await log_lag(conn, None)
                 checkpoint = None
@@ -943,6 +984,7 @@ class Ledger:
                 generation, tx_id, position = serving
                 lag_events, seconds = await log_lag(conn, Checkpoint(tx_id, position))
                 checkpoint = {"generation": generation, "tx_id": tx_id, "position": position}
+                faults = await stream_faults(conn, generation)
 
         def value(name: str) -> int:
             row = counters.get(name)
@@ -969,6 +1011,7 @@ class Ledger:
             checkpoint=checkpoint,
             last_error_at=errors["updated_at"] if errors is not None else None,
             last_error=errors["note"] if errors is not None else None,
+            faulted_streams=tuple(faults),
         )
 
 
@@ -1066,4 +1109,5 @@ class SyncLedger:
     write_report = _blocking(Ledger.write_report)
     verify = _blocking(Ledger.verify)
     seal = _blocking(Ledger.seal)
+    faulted_streams = _blocking(Ledger.faulted_streams)
     stats = _blocking(Ledger.stats)

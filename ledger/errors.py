@@ -13,6 +13,8 @@ Every message names the field and the value that was wrong.
     │   ├── NotMigrated          the database has no (current) ledger schema: run `ledger db init`
     │   ├── DatabaseUnavailable  the server cannot be reached
     │   └── InvalidDatabaseURL   LEDGER_DATABASE_URL / LEDGER_READ_URL is not a postgresql:// URL
+    ├── StreamFaulted            a stream's events cannot be folded: heal it with a
+    │                            correction or bust of the named execution
     ├── EmbeddedPostgresError    the private cluster cannot be created or started
     │   └── ServerBinariesMissing  no initdb/pg_ctl on this machine
     └── ConsumeError             the live feed cannot be set up
@@ -36,6 +38,7 @@ __all__ = [
     "RejectReason",
     "ServerBinariesMissing",
     "StoreError",
+    "StreamFaulted",
 ]
 
 
@@ -137,3 +140,47 @@ class ServerBinariesMissing(EmbeddedPostgresError):
 
 class ConsumeError(LedgerError):
     """The live feed cannot be set up (a stream that does not carry the subject, ...)."""
+
+
+class StreamFaulted(LedgerError):
+    """A stream holds an event that cannot be folded, so it has no position to show.
+
+    The event got into the log without ingest's checks (an older version wrote it, or
+    someone with database rights did). Every other stream is unaffected. Appending a
+    correction (a price on the tick grid, a positive quantity) or a bust of the named
+    execution heals the stream.
+
+    Attributes:
+        stream: the faulted stream, ``account/contract``.
+        position: the global log position of the offending event.
+        event_id: the offending event's id, when known.
+        exec_id: the execution the offending event fills or corrects, when known.
+        reason: why the event cannot be folded.
+    """
+
+    def __init__(
+        self,
+        stream: str,
+        position: int,
+        event_id: str | None,
+        exec_id: str | None,
+        reason: str,
+    ) -> None:
+        account, _, contract = stream.partition("/")
+        if exec_id is not None:
+            way_out = (
+                f"append a correction (a price on the tick grid, a positive quantity) or a "
+                f"bust of execution {exec_id!r} of account {account!r} in {contract!r} to "
+                "heal it"
+            )
+        else:
+            way_out = "append a correction or a bust of the offending execution to heal it"
+        super().__init__(
+            f"stream {stream!r} is faulted: the event at log position {position} "
+            f"(event_id {event_id or 'unknown'}) cannot be folded: {reason}; {way_out}"
+        )
+        self.stream = stream
+        self.position = position
+        self.event_id = event_id
+        self.exec_id = exec_id
+        self.reason = reason

@@ -7,7 +7,9 @@
 - :func:`explain`: the position at T and the FIFO lots that make it up, each traced to
   the fill that opened it (execution id, log position, times).
 - :func:`verify`: the log's tamper evidence (:func:`ledger.integrity.verify_log`) and
-  a comparison of the serving projections with a fresh replay.
+  a comparison of the serving projections with a fresh replay; a stream the
+  projections hold as faulted (:mod:`projections.faults`) must fail to replay at the
+  same event, and is listed apart (``ledger verify`` shows them), not as tamper.
 
 Exceptions::
 
@@ -26,7 +28,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ledger.errors import LedgerError
+from ledger.errors import LedgerError, StreamFaulted
 from ledger.events import (
     FillBusted,
     FillCorrected,
@@ -36,8 +38,10 @@ from ledger.events import (
 )
 from ledger.integrity import Problem, VerifyReport, verify_log
 from ledger.store import fill_streams, stream_fill_rows
+from projections.faults import UNFOLDABLE, culprit_in_events
 from projections.positions import (
     FillInput,
+    FoldError,
     PositionState,
     StreamEvent,
     apply_fill,
@@ -46,7 +50,7 @@ from projections.positions import (
     replay,
 )
 from projections.queries import Clock, instrument_grid, serving_generation, stream_at
-from projections.store import projected_states
+from projections.store import projected_states, stream_faults
 
 __all__ = [
     "AuditError",
@@ -170,13 +174,22 @@ def _walk(
                 continue
             filled.add(event.exec_id)
             if event.exec_id not in touched and is_in_order(state, event.occurred_at, row.position):
-                effect = apply_fill(state, _fill_input(row.position, event))
+                try:
+                    effect = apply_fill(state, _fill_input(row.position, event))
+                except FoldError:
+                    # unfoldable then (off the tick grid, ...); a later correction or
+                    # bust healed the stream, or the final replay names the fault
+                    touched.add(event.exec_id)
+                    continue
                 walk.first_known[event.exec_id] = (effect.qty_after, effect.realized_fifo)
                 continue
             walk.late.add(row.position)
         else:
             touched.add(event.exec_id)
-        state, effects = replay(account, contract, point_value, tick_size, seen)
+        try:
+            state, effects = replay(account, contract, point_value, tick_size, seen)
+        except FoldError:
+            continue  # the stream was faulted at this point of the log: nothing known
         for e in effects:
             walk.first_known.setdefault(e.exec_id, (e.qty_after, e.realized_fifo))
         walk.restated[row.position] = (before[0], state.signed_qty, before[1], state.realized_fifo)
@@ -220,10 +233,15 @@ async def trail(
     if not rows:
         raise AuditError(f"account {account!r} contract {contract!r}: no fills in the log")
     point_value, tick_size = await _instrument(conn, contract)
+    events = [(r.position, r.event) for r in rows]
+    try:
+        _, effects = replay(account, contract, point_value, tick_size, events)
+    except UNFOLDABLE as exc:
+        culprit, event_id = culprit_in_events(stream, events, (point_value, tick_size), exc)
+        raise StreamFaulted(
+            stream, culprit.position, event_id, culprit.exec_id, culprit.reason
+        ) from None
     walk = _walk(account, contract, point_value, tick_size, rows)
-    _, effects = replay(
-        account, contract, point_value, tick_size, [(r.position, r.event) for r in rows]
-    )
     effect_of = {e.exec_id: e for e in effects}
     cumulative: dict[str, Decimal] = {}
     running = _ZERO
@@ -467,18 +485,40 @@ async def _verify_projections(conn: asyncpg.Connection, report: VerifyReport) ->
         return
     projected = await projected_states(conn, generation)
     streams = await fill_streams(conn)
-    for stream in sorted(set(streams) | projected.keys()):
+    faulted = {f.stream: f for f in await stream_faults(conn, generation)}
+    for stream in sorted(set(streams) | projected.keys() | faulted.keys()):
         report.projections_checked += 1
         try:
             fresh = (
                 await stream_at(conn, generation, stream, "now", None, with_effects=True)
             ).state
+        except StreamFaulted as exc:
+            known = faulted.get(stream)
+            if known is None or known.position != exc.position:
+                report.problems.append(
+                    Problem(
+                        "PROJECTION_MISMATCH",
+                        f"stream {stream!r}: does not replay, and the projections do not "
+                        f"hold it as faulted there ({exc})",
+                        stream,
+                    )
+                )
+            continue  # faulted, as recorded: listed apart (faulted_streams), not tamper
         except Exception as exc:  # a tampered log may not replay at all
             report.problems.append(
                 Problem("PROJECTION_MISMATCH", f"stream {stream!r}: cannot replay ({exc})", stream)
             )
             continue
         stored = projected.get(stream)
+        if stream in faulted:
+            report.problems.append(
+                Problem(
+                    "PROJECTION_MISMATCH",
+                    f"stream {stream!r}: held as faulted, but it replays",
+                    stream,
+                )
+            )
+            continue
         if stored is None:
             report.problems.append(
                 Problem(

@@ -22,7 +22,7 @@ import orjson
 from ledger.store import Checkpoint, LightRow
 from ledger.values import Side
 from projections.positions import _ZERO as _FOLD_ZERO  # what the fold realizes on opening
-from projections.positions import FillInput, PositionState, _fold_fill
+from projections.positions import FillInput, FoldError, PositionState, _fold_fill
 
 __all__ = [
     "MARK_EVERY",
@@ -245,6 +245,10 @@ class Page:
     # stream -> its rewritten first day's P&L before its first rewritten fill
     seed: dict[str, Seed] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)  # COPY text lines
+    # stream -> (log position, exec_id, reason) of the event that faults it (the runner
+    # sets these when a restatement cannot fold the stream; see projections.faults)
+    faults: dict[str, tuple[int, str | None, str]] = field(default_factory=dict)
+    healed: set[str] = field(default_factory=set)  # faulted streams that fold again
 
 
 @dataclass
@@ -284,8 +288,9 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
     """Fold ``rows[lo:hi]`` into ``scope``'s states, recording effects in ``page``.
 
     A fill that sorts after its stream's last folded fill is folded here; a bust, a
-    correction, a late fill, and every later row of a stream already restating in this
-    page only mark the stream in ``page.restate`` (the runner replays it afterwards).
+    correction, a late fill, a fill the fold cannot apply (the replay faults the
+    stream), and every later row of a stream already restating in this page only mark
+    the stream in ``page.restate`` (the runner replays it afterwards).
 
     Returns:
         How many rows the journal grew by (rows added less rows trimmed).
@@ -352,7 +357,11 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
                 continue
             state = cache.get(stream)
             if state is None:
-                state = scope.new_state(stream, p["account"], p["contract"])
+                try:
+                    state = scope.new_state(stream, p["account"], p["contract"])
+                except FoldError:
+                    restate[stream] = position  # no instrument: the replay faults it
+                    continue
             last_key = state.last_key
             if last_key is not None and (occurred_at, position) <= last_key:
                 restate[stream] = position  # a late fill: replay the stream
@@ -369,9 +378,14 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
                     # a new stream the journal holds from its first fill: mark it
                     marks = Marks(every=scope.mark_every)
                     marks_of[stream] = marks
-            before, after, realized_fifo, realized_wac, _ = _fold_fill(
-                state, exec_id, side_s == "BUY", qty, price, fee, occurred_at, position
-            )
+            try:
+                before, after, realized_fifo, realized_wac, _ = _fold_fill(
+                    state, exec_id, side_s == "BUY", qty, price, fee, occurred_at, position
+                )
+            except FoldError:
+                # (nothing folded yet) the replay of the stream faults it, or heals it
+                restate[stream] = position
+                continue
             if (
                 marks is not None
                 and _marked(

@@ -120,6 +120,11 @@ class PartitionRunner(ProjectionRunner):
             sql.ADVANCE_PARTITION, generation, self.part, end.tx_id, end.position, events
         )
 
+    async def _faulted_streams(self, conn: asyncpg.Connection, generation: int) -> set[str]:
+        # only this part's: another part's faulted stream is never this one's to replay
+        rows = await conn.fetch(sql.FAULTED_STREAMS_OF_PART, generation, self.parts, self.part)
+        return {r[0] for r in rows}
+
     async def project(self, generation: int, progress: Callable[[int], None] | None = None) -> int:
         """Project this part up to the end, mark it finished; return the events read."""
         events = 0

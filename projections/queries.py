@@ -15,6 +15,11 @@ A tail that would restate fills inside the snapshot (a late fill before its last
 or a bust or correction of an execution it holds) falls back to a full replay of the
 stream under the same filter, so the answer is exact either way; the cost grows with
 one stream's tail, never with the length of the log.
+
+A stream that holds an event the fold cannot apply is faulted (:mod:`projections.faults`):
+a query naming that one stream raises :class:`ledger.errors.StreamFaulted`, which names
+the event and the way out; a query over many streams answers for the others and lists
+the faulted ones in its ``faults`` argument, when given.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import orjson
 
+from ledger.errors import StreamFaulted
 from ledger.events import FillBusted, FillCorrected, FillRecorded, event_from_stored
 from ledger.values import point_value
+from projections.faults import UNFOLDABLE, StreamFault, culprit_in_events
 from projections.pagefold import replay_rows, stream_row
 from projections.pnl import PnlRow, aggregate, trading_day
 from projections.positions import (
@@ -43,11 +50,13 @@ from projections.positions import (
     replay,
     unrealized,
 )
-from projections.store import SERVING
+from projections.store import SERVING, stream_faults
 
 __all__ = [
     "Clock",
+    "StreamFault",
     "StreamView",
+    "faulted_streams",
     "history_rows",
     "instrument_currency",
     "instrument_grid",
@@ -231,7 +240,98 @@ async def stream_at(
 
     With ``clock="as_of"`` and ``recorded_by``: both clocks at once, the position at
     event time ``at`` from only the events recorded by ``recorded_by``.
+
+    Raises:
+        StreamFaulted: what the clock sees of the stream holds an event the fold
+            cannot apply (or its contract has no instrument); the error names it.
     """
+    try:
+        return await _stream_at(conn, generation, stream, clock, at, with_effects, recorded_by)
+    except UNFOLDABLE as exc:
+        raise (await _fault_at(conn, stream, clock, at, recorded_by, exc)).error() from None
+
+
+async def _fault_at(
+    conn: asyncpg.Connection,
+    stream: str,
+    clock: Clock,
+    at: datetime | None,
+    recorded_by: datetime | None,
+    error: BaseException,
+) -> StreamFault:
+    """Find the event that keeps ``stream`` from folding on ``clock`` at ``at``."""
+    when = at or _FAR_FUTURE
+    if clock == "as_known_at":
+        events = _decode(await conn.fetch(REPLAY_AS_KNOWN_AT, stream, when))
+    else:
+        rows = (
+            await conn.fetch(REPLAY_AS_OF, stream)
+            if recorded_by is None
+            else await conn.fetch(REPLAY_AS_KNOWN_AT, stream, recorded_by)
+        )
+        events = [
+            (p, e)
+            for p, e in _decode(rows)
+            if not isinstance(e, FillRecorded) or e.occurred_at <= when
+        ]
+    grid = await instrument_grid(conn, stream.split("/", 1)[1])
+    culprit, event_id = culprit_in_events(stream, events, grid, error)
+    return StreamFault(stream, culprit.position, event_id, culprit.exec_id, culprit.reason)
+
+
+async def faulted_streams(
+    conn: asyncpg.Connection, *, account: str | None = None, contract: str | None = None
+) -> list[StreamFault]:
+    """Return the streams the serving projections hold as faulted (of one account
+    and/or contract), with the offending event of each."""
+    generation = await serving_generation(conn)
+    if generation is None:
+        return []
+    return await stream_faults(conn, generation, account, contract)
+
+
+async def _streams_in_scope(
+    conn: asyncpg.Connection, generation: int, account: str | None, contract: str | None
+) -> list[str]:
+    """Return the streams a query over (account, contract) covers on a past clock:
+    projected ones and faulted ones (which may fold at an earlier time)."""
+    projected = [r[0] for r in await conn.fetch(POSITIONS, generation, account, contract)]
+    faulted = [f.stream for f in await stream_faults(conn, generation, account, contract)]
+    return sorted(set(projected) | set(faulted), key=lambda s: tuple(s.split("/", 1)))
+
+
+def _set_aside(exc: StreamFaulted, faults: list[StreamFault] | None, single: bool) -> None:
+    """Leave a faulted stream out of a query over many streams, or raise for one."""
+    if single:
+        raise exc
+    if faults is not None:
+        faults.append(StreamFault(exc.stream, exc.position, exc.event_id, exc.exec_id, exc.reason))
+
+
+async def _current_faults(
+    conn: asyncpg.Connection,
+    generation: int,
+    account: str | None,
+    contract: str | None,
+    faults: list[StreamFault] | None,
+) -> None:
+    """Raise for a query on one faulted stream; else list the faulted streams in scope."""
+    found = await stream_faults(conn, generation, account, contract)
+    if found and account is not None and contract is not None:
+        raise found[0].error()
+    if faults is not None:
+        faults.extend(found)
+
+
+async def _stream_at(
+    conn: asyncpg.Connection,
+    generation: int,
+    stream: str,
+    clock: Clock,
+    at: datetime | None,
+    with_effects: bool,
+    recorded_by: datetime | None,
+) -> StreamView:
     account, contract = stream.split("/", 1)
     point_value, tick_size = await _instrument(conn, contract)
     when = at or _FAR_FUTURE
@@ -359,22 +459,40 @@ async def position_rows(
     at: datetime | None = None,
     include_flat: bool = False,
     recorded_by: datetime | None = None,
+    faults: list[StreamFault] | None = None,
 ) -> list[dict[str, Any]]:
     """Return positions (JSON-ready: decimals stay Decimal) on the given clock.
 
     ``recorded_by`` with ``clock="as_of"``: both clocks at once (see :func:`stream_at`).
+    Faulted streams are left out and appended to ``faults`` (when given).
+
+    Raises:
+        StreamFaulted: ``account`` and ``contract`` name one stream, and it is faulted.
     """
     generation = await serving_generation(conn)
     if generation is None:
         return []
-    rows = await conn.fetch(POSITIONS, generation, account, contract)
+    single = account is not None and contract is not None
     out = []
     marks: dict[str, Decimal | None] = {}
-    for stream, _acct, ctr, state_json in rows:
-        if clock == "now":
+    rows: list[tuple[str, str, str | None]]
+    if clock == "now":
+        await _current_faults(conn, generation, account, contract, faults)
+        rows = [
+            (r[0], r[2], r[3]) for r in await conn.fetch(POSITIONS, generation, account, contract)
+        ]
+    else:
+        scope = await _streams_in_scope(conn, generation, account, contract)
+        rows = [(s, s.split("/", 1)[1], None) for s in scope]
+    for stream, ctr, state_json in rows:
+        if state_json is not None:
             state = PositionState.from_json(orjson.loads(state_json))
         else:
-            view = await stream_at(conn, generation, stream, clock, at, recorded_by=recorded_by)
+            try:
+                view = await stream_at(conn, generation, stream, clock, at, recorded_by=recorded_by)
+            except StreamFaulted as exc:
+                _set_aside(exc, faults, single)
+                continue
             state = view.state
             if state.fill_count == 0:
                 continue  # the position did not exist yet at that time
@@ -398,8 +516,11 @@ async def pnl_rows(
     session_start: time | None = None,
     session_tz: ZoneInfo | None = None,
     recorded_by: datetime | None = None,
+    faults: list[StreamFault] | None = None,
 ) -> list[PnlRow]:
     """Return realized P&L (FIFO and WAC) per fill, per trading day or per account.
+
+    Faulted streams are left out and appended to ``faults`` (when given).
 
     Every row carries its currency: amounts in different currencies are never added
     together (:func:`projections.pnl.aggregate` does the sums), so an account that
@@ -418,6 +539,7 @@ async def pnl_rows(
 
     raw: list[PnlRow] = []
     if clock == "now":
+        await _current_faults(conn, generation, account, None, faults)
         if by == "fill":
             for r in await conn.fetch(PNL_FILLS, generation, account, date_from, date_to):
                 raw.append(
@@ -449,10 +571,15 @@ async def pnl_rows(
                     )
                 )
     else:
-        for stream, _a, contract, _s in await conn.fetch(POSITIONS, generation, account, None):
-            view = await stream_at(
-                conn, generation, stream, clock, at, with_effects=True, recorded_by=recorded_by
-            )
+        for stream in await _streams_in_scope(conn, generation, account, None):
+            contract = stream.split("/", 1)[1]
+            try:
+                view = await stream_at(
+                    conn, generation, stream, clock, at, with_effects=True, recorded_by=recorded_by
+                )
+            except StreamFaulted as exc:
+                _set_aside(exc, faults, False)
+                continue
             for e in view.effects or ():
                 day = trading_day(e.occurred_at, session_start, session_tz)
                 if (date_from and day < date_from) or (date_to and day > date_to):
@@ -488,12 +615,17 @@ async def history_rows(
     session_tz: ZoneInfo | None = None,
     recorded_by: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Return every change of one position (detail and compacted end-of-day rows)."""
+    """Return every change of one position (detail and compacted end-of-day rows).
+
+    Raises:
+        StreamFaulted: the stream is faulted (on the clock asked).
+    """
     generation = await serving_generation(conn)
     if generation is None:
         return []
     stream = f"{account}/{contract}"
     if clock == "now":
+        await _current_faults(conn, generation, account, contract, None)
         rows = await conn.fetch(HISTORY, generation, stream, time_from, time_to)
         return [
             {

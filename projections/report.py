@@ -29,9 +29,11 @@ import orjson
 from ledger.events import ReconciliationCompleted, decimal_text, event_from_stored
 from ledger.store import latest_reconciliation, mark_price_at, streams_with_fills
 from projections.audit import load_stream
+from projections.faults import UNFOLDABLE, StreamFault, culprit_in_events
 from projections.pnl import PnlRow, aggregate, trading_day
 from projections.positions import FillEffect, replay, unrealized
 from projections.queries import instrument_currency, instrument_grid
+from projections.store import projection_status
 
 __all__ = ["ColumnKind", "DayReport", "build_report", "day_bounds", "render_html", "write_report"]
 
@@ -101,6 +103,36 @@ class DayReport:
     run_id: str | None = None
     run_cutoff: datetime | None = None
     curve: list[dict[str, Any]] = field(default_factory=list)
+    # streams this report leaves out: what it sees of them cannot be folded
+    faults: list[StreamFault] = field(default_factory=list)
+    # the serving projections: events of the log they have not folded yet, and the
+    # streams they hold as faulted (the report itself replays the log)
+    projections_behind: int = 0
+    projections_faulted: list[StreamFault] = field(default_factory=list)
+
+    def warnings(self) -> list[str]:
+        """Return what a reader must know before trusting the figures (banner lines)."""
+        lines = []
+        for f in self.faults:
+            lines.append(
+                f"Stream {f.stream} is left out of this report: the event at log position "
+                f"{f.position} (event_id {f.event_id or 'unknown'}) cannot be folded "
+                f"({f.reason}); append a correction or bust of execution "
+                f"{f.exec_id or 'unknown'} to heal it."
+            )
+        if self.projections_behind:
+            lines.append(
+                f"The serving projections are {self.projections_behind} event(s) behind the "
+                "log (run `ledger project`); this report replays the log itself."
+            )
+        left_out = {f.stream for f in self.faults}
+        others = [f.stream for f in self.projections_faulted if f.stream not in left_out]
+        if others:
+            lines.append(
+                "The serving projections hold faulted stream(s) "
+                f"{', '.join(others)} (see `ledger verify`)."
+            )
+        return lines
 
 
 def day_bounds(
@@ -135,8 +167,9 @@ async def build_report(
         session_tz: the zone of ``session_start``.
         as_known_at: only what had been recorded by then (None: everything known now).
 
-    Raises:
-        LookupError: a contract with fills has no instrument event.
+    A stream that cannot be folded on this clock (an event off its tick grid, a
+    contract with no instrument) is left out and listed in ``report.faults``; the
+    serving projections' lag and faults are noted too (``report.warnings()``).
     """
     start, end = day_bounds(day, session_start, session_tz)
     cutoff = end - _ONE_US
@@ -147,13 +180,19 @@ async def build_report(
     for stream in await streams_with_fills(conn, end, known):
         account, contract = stream.split("/", 1)
         grid = await instrument_grid(conn, contract)
-        if grid is None:
-            raise LookupError(f"contract: no instrument event defines {contract!r}")
-        point_value, tick_size = grid
         rows = await load_stream(conn, stream, occurred_by=cutoff, recorded_by=as_known_at)
-        state, effects = replay(
-            account, contract, point_value, tick_size, [(r.position, r.event) for r in rows]
-        )
+        events = [(r.position, r.event) for r in rows]
+        try:
+            if grid is None:
+                raise LookupError(f"contract: no instrument event defines {contract!r}")
+            state, effects = replay(account, contract, grid[0], grid[1], events)
+        except UNFOLDABLE as exc:
+            # one stream that cannot be folded is left out (and named), never fatal
+            culprit, event_id = culprit_in_events(stream, events, grid, exc)
+            report.faults.append(
+                StreamFault(stream, culprit.position, event_id, culprit.exec_id, culprit.reason)
+            )
+            continue
         today = [e for e in effects if trading_day(e.occurred_at, session_start, session_tz) == day]
         if state.signed_qty == 0 and not today:
             continue
@@ -227,6 +266,7 @@ async def build_report(
             }
             for b in run.breaks
         ]
+    report.projections_behind, report.projections_faulted = await projection_status(conn)
     return report
 
 
@@ -372,6 +412,9 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 .empty { color: var(--muted); font-style: italic; }
 td.ts { white-space: nowrap; }
 .break-type { font-weight: 600; color: var(--neg); white-space: nowrap; }
+.banner { border: 1px solid #f79009; background: #fffaeb; color: #7a2e0e; border-radius: 8px;
+          padding: 10px 16px; margin-top: 14px; font-size: 13px; }
+.banner ul { margin: 4px 0 0; padding-left: 18px; }
 .chart { border: 1px solid var(--line); border-radius: 8px; padding: 8px; }
 .chart text { font-size: 11px; fill: var(--muted); }
 .legend { font-size: 12px; color: var(--muted); margin-top: 6px; }
@@ -589,6 +632,14 @@ def render_html(report: DayReport) -> str:
     )
     break_columns = tuple(c for c in BREAK_COLUMNS if c[0] != "run_id")
     title = f"End-of-day report {report.day.isoformat()}"
+    warnings = report.warnings()
+    banner = (
+        '<div class="banner" role="alert"><strong>Warning</strong><ul>'
+        + "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+        + "</ul></div>\n"
+        if warnings
+        else ""
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -602,7 +653,7 @@ def render_html(report: DayReport) -> str:
 <h1>{html.escape(title)}</h1>
 <div class="meta">Trading day {_esc(report.start)} to {_esc(report.end)} (UTC); {knowledge};
 P&amp;L is gross FIFO realized, fees separate. Reconciliation: {run}.</div>
-<div class="cards">{card_html}</div>
+{banner}<div class="cards">{card_html}</div>
 </header>
 <main>
 <section id="chart-section">

@@ -58,6 +58,7 @@ from ledger.store import (
 )
 from ledger.values import point_value
 from projections import store as sql
+from projections.faults import UNFOLDABLE, culprit_in_rows
 from projections.history import HistoryRow, compact
 from projections.pagefold import (
     MARK_EVERY,
@@ -254,6 +255,9 @@ class ProjectionRunner:
             "LEDGER_REBUILD_PARTITION_MIN", _PARTITION_MIN_EVENTS
         )
         self._journal_size = 0
+        # Faulted streams of the generation being folded (projections.faults): set aside
+        # until a row of theirs (a correction or bust) lets them replay. None: not loaded.
+        self._faulted: set[str] | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -685,6 +689,7 @@ class ProjectionRunner:
         self._marks = None
         self._journal_lost.clear()
         self._journal_size = 0
+        self._faulted = None
 
     def _journal_trim(self) -> None:
         """Keep the journal within its row budget: forget the least recently used
@@ -923,6 +928,10 @@ class ProjectionRunner:
     ) -> None:
         await conn.execute(sql.ADVANCE, generation, end.tx_id, end.position, events)
 
+    async def _faulted_streams(self, conn: asyncpg.Connection, generation: int) -> set[str]:
+        """Return the streams of ``generation`` held as faulted (that this runner folds)."""
+        return {r[0] for r in await conn.fetch(sql.FAULTED_STREAMS, generation)}
+
     async def _swap(self, conns: _Connections, generation: int) -> int:
         """Take the last events, compact, and swap ``generation`` in: one transaction."""
         conn = conns.writer
@@ -1024,8 +1033,12 @@ class ProjectionRunner:
         """Fold one page into the cached states; return what it writes."""
         if not self._instruments:
             await self._load_instruments(conn)
+        if self._faulted is None:
+            self._faulted = await self._faulted_streams(conn, generation)
         await self._preload(conn, generation, rows)
         page = Page(end)
+        if self._faulted:
+            self._retry_faulted(page, rows)
         scope = FoldScope(
             self._cache,
             self._known,
@@ -1052,7 +1065,31 @@ class ProjectionRunner:
             await self._restate(conn, page, rows)
         self._journal_trim()
         collect(page, generation, self._cache, flush.daily, flush.dirty, self._utc_days, self._day)
+        for stream in page.faults:
+            # what earlier pages of the transaction did to it is wiped with it
+            flush.dirty.discard(stream)
+            flush.daily.pop(stream, None)
         return page
+
+    def _retry_faulted(self, page: Page, rows: list[LightRow]) -> None:
+        """Send every faulted stream with a row in ``rows`` (or whose contract an
+        instrument row defines) to a replay of the whole stream: a correction or bust
+        of the offending execution heals it; anything else leaves it faulted."""
+        faulted = self._faulted
+        assert faulted is not None
+        restate = page.restate
+        defined: set[str] = set()
+        for row in rows:
+            stream = row.stream
+            if stream in faulted:
+                if row.type in _STREAM_TYPES and stream not in restate:
+                    restate[stream] = row.global_position
+            elif row.type == "instrument":
+                defined.add(orjson.loads(row.payload)["contract"])
+        if defined:
+            for stream in faulted:
+                if stream not in restate and stream.split("/", 1)[1] in defined:
+                    restate[stream] = page.end.position
 
     async def _restate(self, conn: asyncpg.Connection, page: Page, rows: list[LightRow]) -> None:
         """Replay every stream of ``page.restate`` up to the page's end, from its journal
@@ -1067,6 +1104,12 @@ class ProjectionRunner:
             if row.stream in page.restate and row.stream not in first_new:
                 first_new[row.stream] = row.global_position
         floor = self._compaction_cutoff()
+        faulted = self._faulted or set()
+        for stream in streams:
+            if stream in faulted:
+                # a faulted stream has no rows left: it replays whole, from the log
+                first_new[stream] = -1
+                self._journal_drop(stream)
         # every row of a journaled stream up to the page's end went through _fold: the
         # journal holds them all, or (trimmed) all that a replay from a mark needs
         from_log = streams if journal is None else [s for s in streams if s in lost]
@@ -1079,7 +1122,12 @@ class ProjectionRunner:
                     # (replays from its first fill and takes marks as it goes)
                     marks = marks_of[stream] = Marks(every=self.mark_every)
                 events = journal.setdefault(stream, [])
-                restated = self._replay(page, stream, events, first_new[stream], floor, marks)
+                try:
+                    restated = self._replay(page, stream, events, first_new[stream], floor, marks)
+                except UNFOLDABLE:
+                    # forget its journal and marks: the replay from the log faults it
+                    self._journal_drop(stream)
+                    restated = None
                 if restated is None:  # reaches before the trimmed journal: whole stream
                     from_log.append(stream)
                     continue
@@ -1102,12 +1150,49 @@ class ProjectionRunner:
                 journal[stream] = events
                 marks = marks_of[stream]
                 marks.trimmed = False
-            restated = self._replay(page, stream, events, first_new[stream], floor, marks)
+            try:
+                restated = self._replay(page, stream, events, first_new[stream], floor, marks)
+            except UNFOLDABLE as exc:
+                self._fault(page, stream, events, exc)
+                continue
             if restated is None:  # pragma: no cover - a whole stream always replays
                 raise RuntimeError(f"stream {stream} did not replay from its whole log")
             if marks is not None:
                 self._journal_size -= trim_journal(events, marks)
+            if stream in faulted:
+                faulted.discard(stream)
+                page.healed.add(stream)
             self._restated(page, stream, events, restated)
+
+    def _fault(
+        self, page: Page, stream: str, events: list[StreamRow], error: BaseException
+    ) -> None:
+        """Set ``stream`` aside: it cannot be folded up to the page's end (``events`` are
+        all its rows so far). Its fault is written with the page, its other rows are
+        wiped, and it replays from the log whenever a row of its own comes."""
+        contract = stream.split("/", 1)[1]
+        instrument = self._instruments.get(contract)
+        grid = None if instrument is None else (instrument.point_value, instrument.tick_size)
+        culprit = culprit_in_rows(stream, events, grid, error) if events else None
+        position = culprit.position if culprit else page.restate[stream]
+        reason = culprit.reason if culprit else f"{type(error).__name__}: {error}"
+        log.warning(
+            "stream %s is faulted at log position %s (%s); it is set aside, every other "
+            "stream goes on",
+            stream,
+            position,
+            reason,
+        )
+        page.faults[stream] = (position, culprit.exec_id if culprit else None, reason)
+        page.healed.discard(stream)
+        for rewritten in (page.effects, page.cum_before, page.seed, page.forget):
+            rewritten.pop(stream, None)
+        page.snapshots = [s for s in page.snapshots if s[0] != stream]
+        self._cache.pop(stream, None)
+        self._known.pop(stream, None)
+        self._journal_drop(stream)
+        if self._faulted is not None:
+            self._faulted.add(stream)
 
     def _replay(
         self,
@@ -1196,6 +1281,8 @@ class ProjectionRunner:
 
     async def _write(self, conn: asyncpg.Connection, generation: int, page: Page) -> None:
         """Write one page's rows inside the open transaction (not its positions)."""
+        if page.faults or page.healed:
+            await self._write_faults(conn, generation, page)
         if page.forget:
             streams = list(page.forget)
             days = [f[0] for f in page.forget.values()]
@@ -1226,6 +1313,27 @@ class ProjectionRunner:
                 [s[3] for s in snaps],
                 [s[4] for s in snaps],
                 [s[5] for s in snaps],
+            )
+
+    async def _write_faults(self, conn: asyncpg.Connection, generation: int, page: Page) -> None:
+        """Record the page's faulted streams (wiping their other rows) and clear the
+        faults of the streams it healed (their rows follow, rewritten whole)."""
+        if page.healed:
+            await conn.execute(sql.HEAL_FAULTS, generation, sorted(page.healed))
+        if page.faults:
+            streams = sorted(page.faults)
+            for statement in sql.WIPE_STREAMS:
+                await conn.execute(statement, generation, streams)
+            faults = [page.faults[s] for s in streams]
+            await conn.execute(
+                sql.RECORD_FAULTS,
+                generation,
+                streams,
+                [s.split("/", 1)[0] for s in streams],
+                [s.split("/", 1)[1] for s in streams],
+                [f[0] for f in faults],
+                [f[1] for f in faults],
+                [f[2] for f in faults],
             )
 
     def _trim_cache(self, keep: set[str]) -> None:

@@ -20,11 +20,13 @@ from sqlalchemy import (
     Numeric,
     Table,
     Text,
+    Uuid,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
 __all__ = [
+    "faults",
     "history",
     "metadata",
     "pnl_daily",
@@ -151,4 +153,20 @@ snapshots = Table(
     Column("state", JSONB, nullable=False),
     Index(None, "generation", "stream", "key_occurred_at"),
     Index(None, "generation", "stream", "known_recorded_at"),
+)
+
+# A stream whose events cannot be folded: set aside with the offending event, until a
+# correction or bust of its execution heals it (projections.runner, projections.faults).
+faults = Table(
+    "proj_faults",
+    metadata,
+    Column("generation", Integer, primary_key=True),
+    Column("stream", Text, primary_key=True),
+    Column("account", Text, nullable=False),
+    Column("contract", Text, nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("event_id", Uuid),
+    Column("exec_id", Text),
+    Column("reason", Text, nullable=False),
+    Column("faulted_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )

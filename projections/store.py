@@ -13,6 +13,9 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from ledger.store import Checkpoint, log_lag
+from projections.faults import StreamFault
+
 __all__ = [
     "HISTORY_COLUMNS",
     "SERVING",
@@ -20,7 +23,9 @@ __all__ = [
     "ensure_serving",
     "lock_checkpoint",
     "projected_states",
+    "projection_status",
     "serving_checkpoint",
+    "stream_faults",
 ]
 
 HISTORY_COLUMNS = (
@@ -139,6 +144,7 @@ DROP_GENERATION_TABLES = (
     "DELETE FROM proj_history WHERE generation = $1",
     "DELETE FROM proj_pnl_daily WHERE generation = $1",
     "DELETE FROM proj_snapshots WHERE generation = $1",
+    "DELETE FROM proj_faults WHERE generation = $1",
 )
 FORGET_GENERATION = "DELETE FROM projection_checkpoint WHERE generation = $1"
 # The gap-free read (see ledger.store): only transactions older than the oldest one
@@ -225,6 +231,50 @@ DELETE_OLD_GROUPS = """
 DELETE FROM proj_history h USING unnest($2::text[], $3::date[]) AS g(stream, day)
 WHERE h.generation = $1 AND h.stream = g.stream AND h.day = g.day
 """
+
+# Faulted streams (projections.faults): set aside with the offending event, per generation.
+FAULTED_STREAMS = "SELECT stream FROM proj_faults WHERE generation = $1"
+# A rebuild worker's share of them ($2 parts, $3 its part): as READ_PARTITION splits.
+FAULTED_STREAMS_OF_PART = """
+SELECT stream FROM proj_faults
+WHERE generation = $1 AND (hashtext(stream) & 2147483647) % $2 = $3
+"""
+# ($2..$7: streams, accounts, contracts, log positions, exec ids, reasons); the event id
+# is the offending row's own. A stream faulted again keeps when it was first found.
+RECORD_FAULTS = """
+INSERT INTO proj_faults (generation, stream, account, contract, position, event_id, exec_id,
+    reason)
+SELECT $1, f.stream, f.account, f.contract, f.position, e.event_id, f.exec_id, f.reason
+FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[])
+    AS f(stream, account, contract, position, exec_id, reason)
+LEFT JOIN events AS e ON e.global_position = f.position
+ON CONFLICT (generation, stream) DO UPDATE SET position = excluded.position,
+    event_id = excluded.event_id, exec_id = excluded.exec_id, reason = excluded.reason
+"""
+HEAL_FAULTS = "DELETE FROM proj_faults WHERE generation = $1 AND stream = ANY($2::text[])"
+# A faulted stream shows nothing but its fault: its other rows go.
+WIPE_STREAMS = (
+    "DELETE FROM proj_positions WHERE generation = $1 AND stream = ANY($2::text[])",
+    "DELETE FROM proj_history WHERE generation = $1 AND stream = ANY($2::text[])",
+    "DELETE FROM proj_pnl_daily WHERE generation = $1 AND stream = ANY($2::text[])",
+    "DELETE FROM proj_snapshots WHERE generation = $1 AND stream = ANY($2::text[])",
+)
+LIST_FAULTS = """
+SELECT stream, position, event_id::text, exec_id, reason, faulted_at FROM proj_faults
+WHERE generation = $1 AND ($2::text IS NULL OR account = $2) AND ($3::text IS NULL OR contract = $3)
+ORDER BY stream
+"""
+
+
+async def stream_faults(
+    conn: asyncpg.Connection,
+    generation: int,
+    account: str | None = None,
+    contract: str | None = None,
+) -> list[StreamFault]:
+    """Return the faulted streams of ``generation`` (of one account and/or contract)."""
+    rows = await conn.fetch(LIST_FAULTS, generation, account, contract)
+    return [StreamFault(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
 
 _PROJECTED = """
@@ -337,3 +387,14 @@ def history_record(
         cum_realized_wac,
         fees,
     )
+
+
+async def projection_status(conn: asyncpg.Connection) -> tuple[int, list[StreamFault]]:
+    """Return how many events of the log the serving projections have not folded yet,
+    and the streams they hold as faulted."""
+    serving = await serving_checkpoint(conn)
+    if serving is None:
+        return (await log_lag(conn, None))[0], []
+    generation, tx_id, position = serving
+    behind = (await log_lag(conn, Checkpoint(tx_id, position)))[0]
+    return behind, await stream_faults(conn, generation)

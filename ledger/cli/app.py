@@ -41,12 +41,14 @@ from ledger.cli.common import (
     parse_times,
     progress_bar,
     run,
+    warn_faulted,
 )
 from ledger.cli.demo import DayPlan, generate_day
 from ledger.db import current_revision, head_revision, make_engine, migrate, migrate_embedded
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
 from ledger.settings import Settings
+from projections.faults import StreamFault
 
 
 @db_app.command("init")
@@ -293,6 +295,8 @@ def positions(
     """Show positions, realized and unrealized P&L (caught up first)."""
     at, known = parse_times(as_of, as_known_at)
 
+    faults: list[StreamFault] = []
+
     async def _positions() -> list[dict[str, Any]]:
         async with await connect() as ledger:
             rows = await ledger.positions(
@@ -302,10 +306,12 @@ def positions(
                 as_of=at,
                 as_known_at=known,
                 include_flat=include_flat,
+                faults=faults,
             )
         return [row_of(r) for r in rows]
 
     emit_rows(run(_positions()), fmt, title="Positions")
+    warn_faulted(faults)
 
 
 @app.command()
@@ -323,6 +329,8 @@ def pnl(
     at, known = parse_times(as_of, as_known_at)
     first, last = parse_day(date_from, "--from"), parse_day(date_to, "--to")
 
+    faults: list[StreamFault] = []
+
     async def _pnl() -> list[dict[str, Any]]:
         async with await connect() as ledger:
             lines = await ledger.pnl(
@@ -333,10 +341,12 @@ def pnl(
                 method=method.value,
                 as_of=at,
                 as_known_at=known,
+                faults=faults,
             )
         return [line.as_row(by.value) for line in lines]
 
     emit_rows(run(_pnl()), fmt, title="Realized P&L")
+    warn_faulted(faults)
 
 
 @app.command()

@@ -313,6 +313,7 @@ def _print_verify(report: Verification, *, seal: bool, fmt: TableOrJson) -> bool
                     "seals": report.seals,
                     "projections_checked": report.projections_checked,
                     "problems": problems,
+                    "faulted_streams": [f.as_row() for f in report.faulted_streams],
                     "seal": None if sealed is None else _seal_row(sealed),
                     **({} if standby.lag is None else {"standby": standby.lag}),
                 }
@@ -329,6 +330,15 @@ def _print_verify(report: Verification, *, seal: bool, fmt: TableOrJson) -> bool
             out.print(f"[bold red]FAILED:[/] {len(problems)} problem(s)", highlight=False)
         else:
             out.print("[bold green]OK[/]: every hash chain, stream head and seal verifies")
+        faults = report.faulted_streams
+        if faults:
+            emit_rows([f.as_row() for f in faults], fmt, title="Faulted streams")
+            out.print(
+                f"[yellow]{len(faults)} faulted stream(s)[/]: each holds an event the fold "
+                "cannot apply and is left out of every answer until a correction or bust of "
+                "the named execution heals it",
+                highlight=False,
+            )
         if sealed is not None:
             out.print(
                 f"sealed {sealed.event_count} events through global position "
@@ -436,9 +446,15 @@ def report_command(
     assert trading_day is not None
     known = parse_time(as_known_at, "--as-known-at")
 
+    warnings: list[str] = []
+
     async def _report() -> list[Path]:
         async with await connect() as ledger:
-            return await ledger.write_report(trading_day, out_dir, as_known_at=known)
+            return await ledger.write_report(
+                trading_day, out_dir, as_known_at=known, warnings=warnings
+            )
 
     for path in run(_report()):
         out.print(str(path), highlight=False)
+    for line in warnings:
+        out.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)

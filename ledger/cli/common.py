@@ -33,6 +33,7 @@ from ledger.api import Ledger
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
 from ledger.settings import Settings
+from projections.faults import StreamFault
 
 __all__ = [
     "AsKnownAt",
@@ -57,6 +58,7 @@ __all__ = [
     "progress_bar",
     "run",
     "standby",
+    "warn_faulted",
 ]
 
 T = TypeVar("T")
@@ -146,6 +148,25 @@ def _masked(text: str, settings: Settings) -> str:
 
 def _announce(cluster: EmbeddedPostgres) -> None:
     err.print(f"[dim]embedded PostgreSQL at {cluster.home} (socket in {cluster.socket_dir})[/]")
+
+
+def warn_faulted(faults: Sequence[StreamFault]) -> None:
+    """Say on stderr which streams an answer leaves out because they are faulted."""
+    if not faults:
+        return
+    err.print(
+        f"[yellow]warning:[/] {len(faults)} faulted stream(s) left out of this answer "
+        "(each heals with a correction or bust of the named execution):",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for f in faults:
+        err.print(
+            f"  {f.stream}: event at log position {f.position} (event_id "
+            f"{f.event_id or 'unknown'}, exec_id {f.exec_id or 'unknown'}): {f.reason}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def database_url(settings: Settings, *, init: bool = False) -> str:

@@ -307,6 +307,7 @@ def _stats_data(stats: Stats) -> dict[str, Any]:
         },
         "last_error_at": stats.last_error_at,
         "last_error": stats.last_error,
+        "faulted_streams": [f.as_row() for f in stats.faulted_streams],
     }
 
 
@@ -336,6 +337,14 @@ def stats(
     rows.append({"metric": "projection lag (seconds)", "value": lag["seconds"]})
     rows.append({"metric": "last error at", "value": data["last_error_at"]})
     rows.append({"metric": "last error", "value": data["last_error"]})
+    rows.append({"metric": "faulted streams", "value": len(data["faulted_streams"])})
+    rows += [
+        {
+            "metric": f"faulted: {f['stream']}",
+            "value": f"log position {f['position']}, exec_id {f['exec_id']}: {f['reason']}",
+        }
+        for f in data["faulted_streams"]
+    ]
     emit_rows(rows, fmt, title="Ledger stats")
     if not data["consistent"]:
         out.print("[bold red]received != appended + duplicates + rejected[/]")
