@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger import Ledger
 from ledger.errors import StreamFaulted
 from ledger.events import Event, parse_event
 from ledger.ingest import Ingester
@@ -234,7 +235,19 @@ async def test_off_tick_fill_faults_one_stream_and_a_correction_heals_it(
             await queries.history_rows(conn, account="A1", contract="C.ES")
         found = []
         pnl = await queries.pnl_rows(conn, by="account", faults=found)
-        assert {r["account"] for r in pnl} >= {"A0", "A2"} and [f.stream for f in found] == [BAD]
+        assert {r.account for r in pnl} >= {"A0", "A2"} and [f.stream for f in found] == [BAD]
+
+    # the public API: the same, typed
+    async with await Ledger.connect(db_url) as ledger:
+        found = []
+        api_rows = await ledger.positions(include_flat=True, faults=found)
+        assert BAD not in {f"{p.account}/{p.contract}" for p in api_rows}
+        assert [f.stream for f in found] == [BAD]
+        assert [f.position for f in await ledger.faulted_streams()] == [bad_position]
+        assert [f.stream for f in (await ledger.verify()).faulted_streams] == [BAD]
+        assert [f.stream for f in (await ledger.stats()).faulted_streams] == [BAD]
+        with pytest.raises(StreamFaulted):
+            await ledger.positions(account="A1", contract="C.ES")
 
     # the CLI: other accounts exit 0; everything exits 0 and names the faulted stream
     other = ledger_cli(cli_env, "positions", "--account", "A0", "-f", "json")
