@@ -298,7 +298,7 @@ async def test_off_tick_fill_faults_one_stream_and_a_correction_heals_it(
     correction = adjust(
         "correction", "A1", "C.ES", "X9", t[6], qty="1", price="5000.00", fee="0.62"
     )
-    counts = await Ingester(store).write_batch(
+    counts = await Ingester(EventStore(engine)).write_batch(
         [Parsed(SourceRef("heal", 1, None), correction, b"{}")]
     )
     assert (counts.appended, counts.rejected) == (1, 0)
