@@ -825,10 +825,17 @@ class ProjectionRunner:
             return total
         finally:
             for task in (nxt, write):
-                if task is not None and not task.done():
+                if task is None:
+                    continue
+                if not task.done():
                     task.cancel()
                     with contextlib.suppress(BaseException):
                         await task
+                elif not task.cancelled():
+                    # a read ahead that failed while the fold raised first: its error is
+                    # the same lost connection, already handled; retrieve it so asyncio
+                    # does not print it as "Task exception was never retrieved"
+                    task.exception()
             if not writer.is_closed() and writer.is_in_transaction():
                 # failed or cancelled half way: never hand the pool an open transaction
                 with contextlib.suppress(Exception):
