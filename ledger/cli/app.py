@@ -43,7 +43,7 @@ from ledger.cli.common import (
     run,
     warn_faulted,
 )
-from ledger.cli.demo import DayPlan, generate_day
+from ledger.cli.demo import DayPlan, generate_day, try_next
 from ledger.db import current_revision, head_revision, make_engine, migrate, migrate_embedded
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
@@ -460,6 +460,7 @@ def demo(
         async with await connect(settings) as ledger:
             with progress_bar("ingesting") as advance:
                 counts = await ledger.ingest_file(day_file, progress=advance)
+            known_at = datetime.now(UTC)  # the log knows the whole day by now
             with progress_bar("projecting") as advance:
                 await ledger.project(advance, seal=False)
             before = [row_of(p) for p in await ledger.positions(include_flat=True)]
@@ -478,6 +479,7 @@ def demo(
             "pnl": by_account,
             "rebuilt": rebuilt,
             "identical": before == after,
+            "known_at": known_at,
             **extra,
         }
 
@@ -530,16 +532,10 @@ def demo(
         "what happened: a generated day was ingested into the immutable log, projected into "
         "positions and P&L, reconciled against the broker, rebuilt from zero and reported.\n"
         f"files: {folder}\n"
-        "try next:\n"
-        "  ledger positions --as-of "
-        f"{trading_day}T15:00:00Z        # event time\n"
-        "  ledger positions --as-known-at <time>            # knowledge time\n"
-        "  ledger history --account ACC-1 --contract CON.F.US.EP.Z26\n"
-        "  ledger reconcile --cutoff "
-        f"{trading_day}T21:00:01Z --propose   # exit 3 when there are breaks\n"
-        "  ledger trail --account ACC-1 --contract CON.F.US.EP.Z26\n"
-        "  ledger verify ; ledger log --limit 20 ; ledger rejected ; ledger rebuild\n"
+        "try next:"
     )
+    for line in try_next(plan, result["known_at"]):
+        out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     if not result["identical"]:
         raise typer.Exit(1)
 
