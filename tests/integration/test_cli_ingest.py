@@ -209,8 +209,9 @@ def test_embedded_default_initializes_starts_migrates_and_stops(tmp_path: Path) 
     env["LEDGER_HOME"] = str(tmp_path / "ledger-home")
     try:
         first = ledger(env, "ingest", str(ROOT / "examples" / "day.jsonl"), "--format", "json")
-        assert first.returncode == 0, first.stderr
+        assert first.returncode == 4, first.stderr  # the tour's day holds 3 refused records
         counts = json.loads(first.stdout)
+        assert counts["rejected"] == 3
         assert counts["received"] == counts["appended"] + counts["duplicates"] + counts["rejected"]
         assert counts["appended"] > 0
         assert (tmp_path / "ledger-home" / "pgdata" / "PG_VERSION").is_file()
@@ -221,7 +222,10 @@ def test_embedded_default_initializes_starts_migrates_and_stops(tmp_path: Path) 
         again = json.loads(
             ledger(env, "ingest", str(ROOT / "examples" / "day.jsonl"), "--format", "json").stdout
         )
-        assert again["appended"] == 0 and again["duplicates"] == counts["appended"]
+        # a re-ingest finds its own events and its own dead letters
+        assert again["appended"] == 0 and again["rejected"] == 0
+        assert again["already_rejected"] == counts["rejected"]
+        assert again["duplicates"] == counts["appended"] + counts["rejected"]
     finally:
         stop = ledger(env, "db", "stop")
     assert stop.returncode == 0 and "stopped" in stop.stdout
