@@ -329,7 +329,7 @@ def _scale(value: Decimal) -> int:
 def _write_parquet(
     path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, ColumnKind]]
 ) -> None:
-    import polars as pl  # the optional "report" extra: imported only when writing
+    import polars as pl  # a core dependency, imported only when a report is written
 
     data: dict[str, list[Any]] = {}
     schema: dict[str, Any] = {}
