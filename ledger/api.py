@@ -375,11 +375,30 @@ class Stats:
         return self.received == self.appended + self.duplicates + self.rejected
 
 
+def _aware(name: str, value: datetime | None) -> None:
+    """Refuse a naive time: guessing its zone would shift the answer by the caller's offset.
+
+    Raises:
+        ValueError: ``value`` has no zone; the message names the argument and the value.
+    """
+    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+        raise ValueError(
+            f"{name}: {value.isoformat()} has no time zone (naive times are refused, as "
+            "ingest refuses them): pass an aware datetime, e.g. tzinfo=UTC"
+        )
+
+
 def _clock(
     as_of: datetime | None, as_known_at: datetime | None, default: Clock = "now"
 ) -> tuple[Clock, datetime | None, datetime | None]:
     """Return (clock, at, recorded_by) for the two times: both at once is ``as_of``
-    at ``as_of`` with only what was recorded by ``as_known_at``."""
+    at ``as_of`` with only what was recorded by ``as_known_at``.
+
+    Raises:
+        ValueError: a time has no zone (naive times are refused, as ingest refuses them).
+    """
+    _aware("as_of", as_of)
+    _aware("as_known_at", as_known_at)
     if as_of is not None:
         return "as_of", as_of, as_known_at
     if as_known_at is not None:
@@ -839,7 +858,9 @@ class Ledger:
 
         Raises:
             ReconciliationError: a tolerance is negative, or a contract is undefined.
+            ValueError: ``cutoff`` has no time zone.
         """
+        _aware("cutoff", cutoff)
         async with self._conn() as conn:
             try:
                 result = await reconcile(
@@ -871,8 +892,11 @@ class Ledger:
 
         Raises:
             AuditError: a contract with fills has no instrument.
+            ValueError: ``as_known_at`` has no time zone.
         """
-        from projections.report import build_report  # polars only when reporting
+        from projections.report import build_report
+
+        _aware("as_known_at", as_known_at)
 
         async with self._read(False) as conn:
             try:

@@ -268,7 +268,11 @@ def progress_bar(description: str, total: float | None = None) -> Iterator[Calla
 
 
 def parse_time(value: str | None, option: str) -> datetime | None:
-    """Parse a CLI time: ISO-8601 (UTC when no zone is given) or a date (its end, UTC)."""
+    """Parse a CLI time: ISO-8601 with a zone (``Z`` or an offset) or a date (its end, UTC).
+
+    A time without a zone is refused, as ingest refuses a naive ``occurred_at``: guessing
+    UTC would silently shift a query by the user's offset.
+    """
     if value is None:
         return None
     try:
@@ -277,9 +281,21 @@ def parse_time(value: str | None, option: str) -> datetime | None:
             return datetime.combine(day, dt_time.max, tzinfo=UTC)
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        err.print(f"[bold red]error:[/] {option}: not an ISO-8601 time or date: {value!r}")
+        err.print(
+            f"[bold red]error:[/] {option}: not an ISO-8601 time or date: {value!r}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(2) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        err.print(
+            f"[bold red]error:[/] {option}: {value!r} has no time zone (naive times are "
+            f"refused, as ingest refuses them): write {value}Z for UTC, or an offset",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    return parsed
 
 
 def parse_day(value: str | None, option: str) -> date | None:
