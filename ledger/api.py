@@ -936,6 +936,8 @@ class Ledger:
             return write_report(report, out_dir)
         except OSError as exc:
             raise audit.AuditError(f"--out: cannot write into {str(out_dir)!r}: {exc}") from None
+        except ValueError as exc:
+            raise audit.AuditError(f"report: {exc}") from None
 
     async def verify(
         self, *, projections: bool = True, seal: bool = False, against: LogSealed | None = None

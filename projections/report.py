@@ -1,7 +1,8 @@
 """The end-of-day report: one self-contained HTML page per trading day, plus CSV and Parquet.
 
 The page holds the positions at the end of the trading day, realized P&L by account and
-contract, the breaks of the day's latest reconciliation run, and a chart of cumulative
+contract, every reconciliation run of the day (its cutoff, when it ran, the statement
+file or log reports it compared against) each with its breaks, and a chart of cumulative
 realized P&L through the day drawn as inline SVG. It loads nothing from anywhere: no
 script, no stylesheet, no font, no image. The same tables are written as CSV (exact
 decimal strings) and Parquet (exact ``Decimal`` columns, via polars) for analysts.
@@ -18,7 +19,7 @@ import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -27,7 +28,7 @@ import asyncpg
 import orjson
 
 from ledger.events import ReconciliationCompleted, decimal_text, event_from_stored
-from ledger.store import latest_reconciliation, mark_price_at, streams_with_fills
+from ledger.store import mark_price_at, reconciliation_runs, streams_with_fills
 from projections.audit import load_stream
 from projections.faults import UNFOLDABLE, StreamFault, culprit_in_events
 from projections.pnl import PnlRow, aggregate, trading_day
@@ -35,7 +36,17 @@ from projections.positions import FillEffect, replay, unrealized
 from projections.queries import instrument_currency, instrument_grid
 from projections.store import projection_status
 
-__all__ = ["ColumnKind", "DayReport", "build_report", "day_bounds", "render_html", "write_report"]
+__all__ = [
+    "PARQUET_PRECISION",
+    "PARQUET_SCALE",
+    "ColumnKind",
+    "DayReport",
+    "build_report",
+    "day_bounds",
+    "parquet_schema",
+    "render_html",
+    "write_report",
+]
 
 ColumnKind = Literal["str", "dec", "int", "ts", "date"]
 _ZERO = Decimal(0)
@@ -78,6 +89,14 @@ BREAK_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
     ("exec_ids", "str"),
     ("detail", "str"),
 )
+RUN_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
+    ("run_id", "str"),
+    ("cutoff", "ts"),
+    ("recorded_at", "ts"),
+    ("source", "str"),
+    ("matched", "int"),
+    ("breaks", "int"),
+)
 CURVE_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
     ("occurred_at", "ts"),
     ("account", "str"),
@@ -99,9 +118,10 @@ class DayReport:
     as_known_at: datetime | None
     positions: list[dict[str, Any]] = field(default_factory=list)
     pnl: list[dict[str, Any]] = field(default_factory=list)
+    # every reconciliation run with its cutoff in the day, in cutoff order, and the
+    # breaks of all of them (each break names its run)
+    runs: list[dict[str, Any]] = field(default_factory=list)
     breaks: list[dict[str, Any]] = field(default_factory=list)
-    run_id: str | None = None
-    run_cutoff: datetime | None = None
     curve: list[dict[str, Any]] = field(default_factory=list)
     # streams this report leaves out: what it sees of them cannot be folded
     faults: list[StreamFault] = field(default_factory=list)
@@ -244,13 +264,20 @@ async def build_report(
                 "cum_realized_pnl_total": total,
             }
         )
-    run_payload = await latest_reconciliation(conn, start, end, known)
-    if run_payload is not None:
-        run = event_from_stored(orjson.loads(run_payload))
+    for payload, recorded_at in await reconciliation_runs(conn, start, end, known):
+        run = event_from_stored(orjson.loads(payload))
         assert isinstance(run, ReconciliationCompleted)
-        report.run_id = run.run_id
-        report.run_cutoff = run.cutoff
-        report.breaks = [
+        report.runs.append(
+            {
+                "run_id": run.run_id,
+                "cutoff": run.cutoff,
+                "recorded_at": recorded_at,
+                "source": run.source,
+                "matched": run.matched,
+                "breaks": len(run.breaks),
+            }
+        )
+        report.breaks += [
             {
                 "run_id": run.run_id,
                 "break_id": b.break_id,
@@ -321,9 +348,49 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str
             writer.writerow([_cell(row.get(c)) for c in columns])
 
 
-def _scale(value: Decimal) -> int:
-    exponent = value.as_tuple().exponent
-    return max(0, -exponent) if isinstance(exponent, int) else 0
+PARQUET_PRECISION = 38
+"""Digits of every Parquet decimal column (a 128-bit decimal holds 38)."""
+PARQUET_SCALE = 12
+"""Fraction digits of every Parquet decimal column: the ledger's own bound on input
+(:data:`ledger.values.MAX_SCALE`), so quantities, prices and money keep every digit."""
+_PARQUET_QUANTUM = Decimal(1).scaleb(-PARQUET_SCALE)
+_PARQUET_LIMIT = Decimal(10) ** (PARQUET_PRECISION - PARQUET_SCALE)
+
+
+def _parquet_decimal(name: str, value: Decimal | None) -> Decimal | None:
+    """Return ``value`` at the files' one fixed scale.
+
+    Quantities, prices and money have at most 12 fraction digits and are exact; an
+    average open price (cost / quantity) may have more (1/3 never ends) and is rounded
+    half-even to 12 places — in the Parquet file only: the CSV beside it is exact.
+
+    Raises:
+        ValueError: the value has more integer digits than the column holds (26).
+    """
+    if value is None:
+        return None
+    if abs(value) >= _PARQUET_LIMIT:
+        raise ValueError(
+            f"{name}: {decimal_text(value)} has more than "
+            f"{PARQUET_PRECISION - PARQUET_SCALE} integer digits (Parquet column "
+            f"Decimal({PARQUET_PRECISION}, {PARQUET_SCALE}))"
+        )
+    return value.quantize(_PARQUET_QUANTUM, rounding=ROUND_HALF_EVEN)
+
+
+def parquet_schema(columns: Sequence[tuple[str, ColumnKind]]) -> dict[str, Any]:
+    """Return the one Parquet schema of a table: the same types in every day's file,
+    so ``pl.scan_parquet([day1, day2])`` reads a month of them together."""
+    import polars as pl
+
+    types: dict[ColumnKind, Any] = {
+        "dec": pl.Decimal(PARQUET_PRECISION, PARQUET_SCALE),
+        "int": pl.Int64,
+        "ts": pl.Datetime("us", "UTC"),
+        "date": pl.Date,
+        "str": pl.String,
+    }
+    return {name: types[kind] for name, kind in columns}
 
 
 def _write_parquet(
@@ -332,28 +399,15 @@ def _write_parquet(
     import polars as pl  # a core dependency, imported only when a report is written
 
     data: dict[str, list[Any]] = {}
-    schema: dict[str, Any] = {}
     for name, kind in columns:
         values = [row.get(name) for row in rows]
         if kind == "dec":
-            decimals = [v for v in values if v is not None]
-            scale = max((_scale(v) for v in decimals), default=0)
-            digits = max((v.adjusted() + 1 for v in decimals), default=1)
-            if max(digits, 1) + scale <= 38:
-                data[name] = values
-                schema[name] = pl.Decimal(38, scale)
-            else:  # too wide for a 128-bit decimal: keep it exact as text
-                data[name] = [_cell(v) or None for v in values]
-                schema[name] = pl.String
-        elif kind == "int":
-            data[name], schema[name] = values, pl.Int64
-        elif kind == "ts":
-            data[name], schema[name] = values, pl.Datetime("us", "UTC")
-        elif kind == "date":
-            data[name], schema[name] = values, pl.Date
+            data[name] = [_parquet_decimal(name, v) for v in values]
+        elif kind == "str":
+            data[name] = [None if v is None else str(v) for v in values]
         else:
-            data[name], schema[name] = values, pl.String
-    pl.DataFrame(data, schema=schema).write_parquet(path)
+            data[name] = values
+    pl.DataFrame(data, schema=parquet_schema(columns)).write_parquet(path)
 
 
 def write_report(report: DayReport, out_dir: Path) -> list[Path]:
@@ -364,6 +418,7 @@ def write_report(report: DayReport, out_dir: Path) -> list[Path]:
 
     Raises:
         OSError: ``out_dir`` cannot be created or written.
+        ValueError: a number is too wide for its Parquet column (the message names it).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"eod-{report.day.isoformat()}"
@@ -373,6 +428,7 @@ def write_report(report: DayReport, out_dir: Path) -> list[Path]:
     tables: list[tuple[str, list[dict[str, Any]], tuple[tuple[str, ColumnKind], ...]]] = [
         ("positions", report.positions, POSITION_COLUMNS),
         ("pnl", report.pnl, PNL_COLUMNS),
+        ("runs", report.runs, RUN_COLUMNS),
         ("breaks", report.breaks, BREAK_COLUMNS),
         ("pnl-curve", report.curve, CURVE_COLUMNS),
     ]
@@ -396,6 +452,7 @@ body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, 
 header { padding: 24px 32px 12px; border-bottom: 1px solid var(--line); }
 h1 { font-size: 22px; margin: 0 0 4px; }
 h2 { font-size: 16px; margin: 28px 0 10px; }
+h3 { font-size: 14px; margin: 18px 0 8px; }
 main { padding: 0 32px 32px; max-width: 1240px; }
 .meta { color: var(--muted); font-size: 13px; }
 .cards { display: flex; gap: 14px; flex-wrap: wrap; margin-top: 18px; }
@@ -463,7 +520,7 @@ def _table(
             elif kind == "ts":
                 shown = "" if value is None else f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z"
                 cells.append(f'<td class="ts">{html.escape(shown)}</td>')
-            elif c == "type" and table_id == "breaks":
+            elif c == "type" and table_id.startswith("breaks"):
                 cells.append(f'<td class="break-type">{_esc(value)}</td>')
             else:
                 cells.append(f"<td>{_esc(value)}</td>")
@@ -596,6 +653,57 @@ def render_chart(report: DayReport, *, width: int = 1100, height: int = 340) -> 
     return "".join(parts) + f'<div class="legend">{legend}</div>'
 
 
+EXEC_IDS_SHOWN = 6
+"""Execution ids a break shows on the page; the CSV and Parquet files hold them all."""
+
+
+def _source_label(source: str) -> str:
+    """Say what a run compared against: a statement file (name and hash) or the log."""
+    if source.startswith("file:"):
+        name, _, digest = source[len("file:") :].rpartition(":")
+        return f"statement file {name} (sha256 {digest}…)"
+    if source == "broker_position":
+        return "the broker_position reports in the log"
+    return source
+
+
+def _exec_ids_shown(ids: str) -> str:
+    listed = ids.split()
+    if len(listed) <= EXEC_IDS_SHOWN:
+        return " ".join(listed)
+    shown = " ".join(listed[:EXEC_IDS_SHOWN])
+    return f"{shown} and {len(listed) - EXEC_IDS_SHOWN} more"
+
+
+def render_runs(report: DayReport) -> str:
+    """Return every reconciliation run of the day (time, source, breaks), oldest first.
+
+    Each run shows its own breaks, so a run with breaks followed by a clean one shows
+    both; a break lists its first :data:`EXEC_IDS_SHOWN` execution ids and how many more.
+    """
+    if not report.runs:
+        return '<p class="empty" id="runs-empty">No reconciliation run this day.</p>'
+    summary = [{**r, "source": _source_label(r["source"])} for r in report.runs]
+    parts = [_table("runs", summary, RUN_COLUMNS, empty="")]
+    break_columns = tuple(c for c in BREAK_COLUMNS if c[0] != "run_id")
+    for i, run in enumerate(report.runs, 1):
+        rows = [
+            {**b, "exec_ids": _exec_ids_shown(b["exec_ids"])}
+            for b in report.breaks
+            if b["run_id"] == run["run_id"]
+        ]
+        cutoff = run["cutoff"].astimezone(UTC)
+        ran = run["recorded_at"].astimezone(UTC)
+        parts.append(
+            f'<h3 class="run" id="run-{i}">Run {i} of {len(report.runs)}: '
+            f"{html.escape(run['run_id'])}, cutoff {cutoff:%Y-%m-%d %H:%M:%S}Z, recorded "
+            f"{ran:%Y-%m-%d %H:%M:%S}Z, against {html.escape(_source_label(run['source']))}: "
+            f"{run['matched']} matched, {run['breaks']} break(s)</h3>"
+        )
+        parts.append(_table(f"breaks-{i}", rows, break_columns, empty="No breaks."))
+    return "\n".join(parts)
+
+
 def render_html(report: DayReport) -> str:
     """Return the report as one self-contained HTML page."""
     total = sum((r["realized_pnl"] for r in report.pnl), _ZERO)
@@ -606,9 +714,11 @@ def render_html(report: DayReport) -> str:
         if report.as_known_at
         else "everything known now"
     )
+    latest = report.runs[-1] if report.runs else None
     run = (
-        f"run {html.escape(report.run_id)} at {_esc(report.run_cutoff)}"
-        if report.run_id
+        f"{len(report.runs)} run(s); the latest, {html.escape(latest['run_id'])} at cutoff "
+        f"{_esc(latest['cutoff'])}, found {latest['breaks']} break(s)"
+        if latest is not None
         else "no reconciliation run this day"
     )
     cards = [
@@ -616,7 +726,7 @@ def render_html(report: DayReport) -> str:
         ("Fees", fees, False),
         ("Net realized P&L", total - fees, True),
         ("Open positions", open_positions, False),
-        ("Breaks", len(report.breaks), False),
+        ("Breaks (latest run)", "none run" if latest is None else latest["breaks"], False),
     ]
     card_html = "".join(
         f'<div class="card"><div class="label">{html.escape(label)}</div>'
@@ -630,7 +740,6 @@ def render_html(report: DayReport) -> str:
     account_columns: tuple[tuple[str, ColumnKind], ...] = tuple(
         c for c in PNL_COLUMNS if c[0] != "contract"
     )
-    break_columns = tuple(c for c in BREAK_COLUMNS if c[0] != "run_id")
     title = f"End-of-day report {report.day.isoformat()}"
     warnings = report.warnings()
     banner = (
@@ -681,15 +790,8 @@ P&amp;L is gross FIFO realized, fees separate. Reconciliation: {run}.</div>
 {_table("pnl", report.pnl, pnl_columns, money=money_cols, empty="No realized P&L this day.")}
 </section>
 <section>
-<h2>Reconciliation breaks</h2>
-{
-        _table(
-            "breaks",
-            report.breaks,
-            break_columns,
-            empty="No breaks" if report.run_id else "No reconciliation run this day.",
-        )
-    }
+<h2>Reconciliation runs and their breaks</h2>
+{render_runs(report)}
 </section>
 </main>
 </body>
