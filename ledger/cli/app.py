@@ -28,7 +28,6 @@ from ledger.cli.common import (
     FormatOption,
     InputKind,
     OutputFormat,
-    TableOrJson,
     app,
     connect,
     database_url,
@@ -42,6 +41,7 @@ from ledger.cli.common import (
     progress_bar,
     run,
     warn_faulted,
+    write_csv,
 )
 from ledger.cli.demo import DayPlan, generate_day
 from ledger.db import current_revision, head_revision, make_engine, migrate, migrate_embedded
@@ -146,9 +146,7 @@ def ingest(
     input_format: Annotated[
         InputKind, typer.Option("--input", "-i", help="Input format; auto detects it per record.")
     ] = InputKind.auto,
-    fmt: Annotated[
-        TableOrJson, typer.Option("--format", "-f", help="Output format.")
-    ] = TableOrJson.table,
+    fmt: FormatOption = OutputFormat.table,
     batch_size: Annotated[int, typer.Option(help="Events per transaction.")] = 1000,
 ) -> None:
     """Validate and append records; dead-letter what cannot be appended, with its reason."""
@@ -175,6 +173,8 @@ def ingest(
     totals = run(_ingest())
     if fmt == "json":
         print(orjson.dumps(totals.as_dict()).decode())
+    elif fmt == "csv":
+        write_csv([totals.as_dict()])
     else:
         out.print(
             f"received {totals.received}, appended {totals.appended}, "
@@ -197,9 +197,7 @@ def log_command(
         int, typer.Option(help="Start after this global position (in read order).")
     ] = 0,
     limit: Annotated[int, typer.Option(help="At most this many events.")] = 100,
-    fmt: Annotated[
-        TableOrJson, typer.Option("--format", "-f", help="Output format.")
-    ] = TableOrJson.table,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Print events in read order."""
 
@@ -231,9 +229,7 @@ def rejected(
     retry: Annotated[
         bool, typer.Option("--retry", help="Re-ingest pending records whose cause may be gone.")
     ] = False,
-    fmt: Annotated[
-        TableOrJson, typer.Option("--format", "-f", help="Output format.")
-    ] = TableOrJson.table,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """List dead-lettered records with their reasons (or retry them)."""
 

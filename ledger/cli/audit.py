@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -17,13 +18,12 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from ledger.api import Verification, row_of
+from ledger.api import Lot, Verification, row_of
 from ledger.cli.common import (
     AsKnownAt,
     AsOf,
     FormatOption,
     OutputFormat,
-    TableOrJson,
     app,
     connect,
     dumps,
@@ -112,7 +112,7 @@ def _print_run(
             "exec_ids",
             "detail",
         ]
-        emit_rows([{c: r[c] for c in columns} for r in rows], fmt)
+        emit_rows([{c: r[c] for c in columns} for r in rows], fmt, columns=columns)
         return
     out.print(
         f"reconciliation {event.run_id} at {event.cutoff.isoformat()} against {event.source}: "
@@ -269,8 +269,8 @@ def explain_command(
         extra = {} if standby.lag is None else {"standby": standby.lag}
         print(dumps({**result, "lots": lots, **extra}))
         return
-    if fmt == OutputFormat.csv:
-        emit_rows(lots, fmt)
+    if fmt == OutputFormat.csv:  # the FIFO lots; the position itself is in --format json
+        emit_rows(lots, fmt, columns=[f.name for f in fields(Lot)])
         return
     emit_rows([result], fmt, title=f"Position {account}/{contract}")
     emit_rows(lots, fmt, title="Open FIFO lots")
@@ -288,7 +288,10 @@ def _seal_row(seal: LogSealed) -> dict[str, Any]:
     }
 
 
-def _print_verify(report: Verification, *, seal: bool, fmt: TableOrJson) -> bool:
+_PROBLEM_COLUMNS = ["kind", "stream", "global_position", "stream_version", "message"]
+
+
+def _print_verify(report: Verification, *, seal: bool, fmt: OutputFormat) -> bool:
     """Print what ``verify`` found; return whether the log verifies."""
     sealed, caught_up_error = report.sealed, report.catch_up_error
     problems = problems_as_rows(report.problems)
@@ -303,7 +306,10 @@ def _print_verify(report: Verification, *, seal: bool, fmt: TableOrJson) -> bool
             }
         )
     ok = not problems
-    if fmt == TableOrJson.json:
+    if fmt == OutputFormat.csv:  # the problems found, one row each (none: the header)
+        emit_rows(problems, fmt, columns=_PROBLEM_COLUMNS)
+        return ok
+    if fmt == OutputFormat.json:
         print(
             dumps(
                 {
@@ -365,9 +371,7 @@ def verify_command(
             help="Also compare the projections with a fresh replay (caught up first).",
         ),
     ] = True,
-    fmt: Annotated[
-        TableOrJson, typer.Option("--format", "-f", help="Output format.")
-    ] = TableOrJson.table,
+    fmt: FormatOption = OutputFormat.table,
     export: Annotated[
         Path | None,
         typer.Option(

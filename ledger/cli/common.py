@@ -12,7 +12,7 @@ import asyncio
 import csv
 import io
 import sys
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from datetime import UTC, date, datetime
 from datetime import time as dt_time
@@ -44,11 +44,13 @@ __all__ = [
     "TableOrJson",
     "app",
     "connect",
+    "csv_cell",
     "database_url",
     "db_app",
     "dumps",
     "emit_rows",
     "err",
+    "flatten",
     "json_default",
     "open_engine",
     "out",
@@ -59,6 +61,7 @@ __all__ = [
     "run",
     "standby",
     "warn_faulted",
+    "write_csv",
 ]
 
 T = TypeVar("T")
@@ -206,6 +209,23 @@ def dumps(value: object) -> str:
     return orjson.dumps(value, default=json_default, option=orjson.OPT_INDENT_2).decode()
 
 
+def csv_cell(value: object) -> str:
+    """Return a value as its CSV cell: the very string the JSON output holds.
+
+    Decimals keep every digit and every trailing zero (``str``, as JSON); times are
+    ISO-8601; booleans and nested lists or objects are written as JSON; None is empty.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict | list | tuple):
+        return orjson.dumps(value, default=json_default).decode()
+    return str(value)
+
+
 def _cell(value: object) -> str:
     if value is None:
         return ""
@@ -216,30 +236,71 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def flatten(data: Mapping[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    """Return a nested JSON object as ``key``/``value`` rows (dotted keys, list indexes).
+
+    For commands whose JSON is one object rather than rows (``stats``): its CSV is
+    these rows, one per leaf, so nothing of the JSON is left out.
+    """
+    rows: list[dict[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            rows += flatten(value, f"{name}.")
+        elif isinstance(value, list | tuple) and value:
+            for i, item in enumerate(value):
+                if isinstance(item, Mapping):
+                    rows += flatten(item, f"{name}.{i}.")
+                else:
+                    rows.append({"key": f"{name}.{i}", "value": item})
+        else:
+            rows.append({"key": name, "value": value})
+    return rows
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """Print rows as CSV with a header (``columns``, else the first row's keys).
+
+    With no rows and no columns nothing is printed: an empty CSV, as JSON prints ``[]``.
+    """
+    names = list(columns) if columns is not None else (list(rows[0]) if rows else [])
+    if not names:
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(names)
+    for row in rows:
+        writer.writerow([csv_cell(row.get(c)) for c in names])
+    sys.stdout.write(buffer.getvalue())
+
+
 def emit_rows(
-    rows: Sequence[dict[str, Any]], fmt: OutputFormat | TableOrJson, *, title: str = ""
+    rows: Sequence[dict[str, Any]],
+    fmt: OutputFormat | TableOrJson,
+    *,
+    title: str = "",
+    columns: Sequence[str] | None = None,
 ) -> None:
-    """Print rows as a Rich table, a JSON list, or CSV with a header."""
+    """Print rows as a Rich table, a JSON list, or CSV with a header.
+
+    CSV holds exactly what JSON holds, cell for cell (see :func:`csv_cell`); the table
+    is for reading (see :mod:`ledger.display`).
+    """
     if fmt == "json":
         if standby.lag is not None:  # read from a standby: say how far behind it was
             print(dumps({"rows": list(rows), "standby": standby.lag}))
         else:
             print(dumps(list(rows)))
         return
-    columns = list(rows[0]) if rows else []
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([_cell(row[c]) for c in columns])
-        sys.stdout.write(buffer.getvalue())
+        write_csv(rows, columns)
         return
+    names = list(rows[0]) if rows else []
     table = Table(title=title or None, show_lines=False)
-    for c in columns:
+    for c in names:
         table.add_column(c, overflow="fold")
     for row in rows:
-        table.add_row(*(_cell(row[c]) for c in columns))
+        table.add_row(*(_cell(row[c]) for c in names))
     if rows:
         out.print(table)
     else:
