@@ -97,6 +97,7 @@ __all__ = [
     "Explanation",
     "HistoryEntry",
     "IngestCounts",
+    "Instrument",
     "Ledger",
     "Lot",
     "PnlLine",
@@ -275,6 +276,15 @@ class TrailEntry:
     cum_realized_pnl: Decimal | None
     restated: str
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Instrument:
+    """What a reader's view of a contract's numbers needs: its tick size and currency."""
+
+    contract: str
+    tick_size: Decimal
+    currency: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -878,6 +888,17 @@ class Ledger:
             await record_run(self.store, result.event)
         return result
 
+    async def instruments(self, contracts: Iterable[str]) -> dict[str, Instrument]:
+        """Return the tick size and currency of each defined contract of ``contracts``
+        (an undefined one is left out), for showing prices and money to a reader."""
+        found: dict[str, Instrument] = {}
+        async with self._read(False) as conn:
+            for contract in sorted(set(contracts)):
+                grid = await queries.instrument_display(conn, contract)
+                if grid is not None:
+                    found[contract] = Instrument(contract, grid[0], grid[1])
+        return found
+
     async def reconciliation(self, run_id: str) -> ReconciliationCompleted:
         """Return a stored reconciliation run by its id.
 
@@ -1130,6 +1151,7 @@ class SyncLedger:
     trail = _blocking(Ledger.trail)
     explain = _blocking(Ledger.explain)
     reconcile = _blocking(Ledger.reconcile)
+    instruments = _blocking(Ledger.instruments)
     reconciliation = _blocking(Ledger.reconciliation)
     report = _blocking(Ledger.report)
     write_report = _blocking(Ledger.write_report)

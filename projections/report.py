@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import orjson
 
+from ledger.display import COLUMN_KINDS, Kind, at_least, fixed, minor_units, show, tick_places
 from ledger.events import ReconciliationCompleted, decimal_text, event_from_stored
 from ledger.store import mark_price_at, reconciliation_runs, streams_with_fills
 from projections.audit import load_stream
@@ -57,6 +58,7 @@ _FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 POSITION_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
     ("account", "str"),
     ("contract", "str"),
+    ("currency", "str"),
     ("signed_qty", "dec"),
     ("side", "str"),
     ("avg_open_price", "dec"),
@@ -121,6 +123,8 @@ class DayReport:
     # every reconciliation run with its cutoff in the day, in cutoff order, and the
     # breaks of all of them (each break names its run)
     runs: list[dict[str, Any]] = field(default_factory=list)
+    # each contract's (tick size, currency): how its prices and money are shown
+    instruments: dict[str, tuple[Decimal, str]] = field(default_factory=dict)
     breaks: list[dict[str, Any]] = field(default_factory=list)
     curve: list[dict[str, Any]] = field(default_factory=list)
     # streams this report leaves out: what it sees of them cannot be folded
@@ -213,6 +217,8 @@ async def build_report(
                 StreamFault(stream, culprit.position, event_id, culprit.exec_id, culprit.reason)
             )
             continue
+        currency = await instrument_currency(conn, contract)
+        report.instruments[contract] = (grid[1], currency)
         today = [e for e in effects if trading_day(e.occurred_at, session_start, session_tz) == day]
         if state.signed_qty == 0 and not today:
             continue
@@ -224,6 +230,7 @@ async def build_report(
             {
                 "account": account,
                 "contract": contract,
+                "currency": currency,
                 "signed_qty": state.signed_qty,
                 "side": state.side,
                 "avg_open_price": state.avg_open_price("fifo"),
@@ -239,7 +246,7 @@ async def build_report(
             pnl[(account, contract)] = {
                 "account": account,
                 "contract": contract,
-                "currency": await instrument_currency(conn, contract),
+                "currency": currency,
                 "realized_pnl": realized,
                 "fees": fees,
                 "net_realized_pnl": realized - fees,
@@ -340,12 +347,52 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+Instruments = Mapping[str, tuple[Decimal, str]]
+
+
+def _number_context(
+    row: Mapping[str, Any], instruments: Instruments
+) -> tuple[str | None, Decimal | None]:
+    """Return the currency and tick size a row's numbers are shown with (None: unknown)."""
+    contract = row.get("contract")
+    inst = instruments.get(contract) if isinstance(contract, str) else None
+    currency = row.get("currency") or (None if inst is None else inst[1])
+    return currency, None if inst is None else inst[0]
+
+
+def file_text(column: str, row: Mapping[str, Any], instruments: Instruments) -> str:
+    """Return a cell of a CSV file: exact, never rounded, never losing a trailing zero;
+    money written to at least its currency's minor units, prices and averages to at
+    least the tick precision (``825.00``, ``4996.00``)."""
+    value = row.get(column)
+    if not isinstance(value, Decimal):
+        return _cell(value)
+    currency, tick = _number_context(row, instruments)
+    kind = COLUMN_KINDS.get(column)
+    if kind is Kind.MONEY and currency is not None:
+        return at_least(value, minor_units(currency))
+    if kind in (Kind.PRICE, Kind.AVERAGE) and tick is not None:
+        return at_least(value, tick_places(tick))
+    return f"{value:f}"
+
+
+def shown_text(column: str, row: Mapping[str, Any], instruments: Instruments) -> str:
+    """Return a cell of the page: a number as :func:`ledger.display.show` shows it."""
+    value = row.get(column)
+    if not isinstance(value, Decimal):
+        return _cell(value)
+    currency, tick = _number_context(row, instruments)
+    return show(value, COLUMN_KINDS.get(column), currency=currency, tick_size=tick)
+
+
+def _write_csv(
+    path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str], instruments: Instruments
+) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([_cell(row.get(c)) for c in columns])
+            writer.writerow([file_text(c, row, instruments) for c in columns])
 
 
 PARQUET_PRECISION = 38
@@ -434,7 +481,7 @@ def write_report(report: DayReport, out_dir: Path) -> list[Path]:
     ]
     for name, rows, columns in tables:
         csv_path = out_dir / f"{stem}-{name}.csv"
-        _write_csv(csv_path, rows, [c for c, _ in columns])
+        _write_csv(csv_path, rows, [c for c, _ in columns], report.instruments)
         parquet_path = out_dir / f"{stem}-{name}.parquet"
         _write_parquet(parquet_path, rows, columns)
         written += [csv_path, parquet_path]
@@ -500,7 +547,9 @@ def _table(
     *,
     money: frozenset[str] = frozenset(),
     empty: str,
+    instruments: Instruments | None = None,
 ) -> str:
+    known = instruments or {}
     if not rows:
         return f'<p class="empty" id="{table_id}-empty">{html.escape(empty)}</p>'
     head = "".join(
@@ -516,7 +565,8 @@ def _table(
             value = row.get(c)
             if kind in ("dec", "int"):
                 extra = _money_class(value) if c in money else ""
-                cells.append(f'<td class="num{extra}">{_esc(value)}</td>')
+                text = html.escape(shown_text(c, row, known))
+                cells.append(f'<td class="num{extra}">{text}</td>')
             elif kind == "ts":
                 shown = "" if value is None else f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z"
                 cells.append(f'<td class="ts">{html.escape(shown)}</td>')
@@ -704,6 +754,9 @@ def render_runs(report: DayReport) -> str:
     return "\n".join(parts)
 
 
+_MONEY_CARDS = frozenset({"Realized P&L (gross)", "Fees", "Net realized P&L"})
+
+
 def render_html(report: DayReport) -> str:
     """Return the report as one self-contained HTML page."""
     total = sum((r["realized_pnl"] for r in report.pnl), _ZERO)
@@ -728,9 +781,20 @@ def render_html(report: DayReport) -> str:
         ("Open positions", open_positions, False),
         ("Breaks (latest run)", "none run" if latest is None else latest["breaks"], False),
     ]
+    currencies = sorted({r["currency"] for r in report.pnl})
+
+    def card_text(label: str, value: object) -> str:
+        if label in _MONEY_CARDS and isinstance(value, Decimal):
+            if len(currencies) == 1:  # money in its currency's minor units, named
+                return f"{fixed(value, minor_units(currencies[0]))} {currencies[0]}"
+            if currencies:  # never a sum across currencies: see the tables
+                return "by currency below"
+        return _cell(value)
+
     card_html = "".join(
         f'<div class="card"><div class="label">{html.escape(label)}</div>'
-        f'<div class="value{_money_class(value) if money else ""}">{_esc(value)}</div></div>'
+        f'<div class="value{_money_class(value) if money else ""}">'
+        f"{html.escape(card_text(label, value))}</div></div>"
         for label, value, money in cards
     )
     money_cols = frozenset(
@@ -771,7 +835,16 @@ P&amp;L is gross FIFO realized, fees separate. Reconciliation: {run}.</div>
 </section>
 <section>
 <h2>Positions at the end of the day</h2>
-{_table("positions", report.positions, POSITION_COLUMNS, money=money_cols, empty="No positions.")}
+{
+        _table(
+            "positions",
+            report.positions,
+            POSITION_COLUMNS,
+            money=money_cols,
+            empty="No positions.",
+            instruments=report.instruments,
+        )
+    }
 </section>
 <section>
 <h2>Realized P&amp;L by account</h2>
@@ -782,12 +855,22 @@ P&amp;L is gross FIFO realized, fees separate. Reconciliation: {run}.</div>
             account_columns,
             money=money_cols,
             empty="No realized P&L this day.",
+            instruments=report.instruments,
         )
     }
 </section>
 <section>
 <h2>Realized P&amp;L by account and contract</h2>
-{_table("pnl", report.pnl, pnl_columns, money=money_cols, empty="No realized P&L this day.")}
+{
+        _table(
+            "pnl",
+            report.pnl,
+            pnl_columns,
+            money=money_cols,
+            empty="No realized P&L this day.",
+            instruments=report.instruments,
+        )
+    }
 </section>
 <section>
 <h2>Reconciliation runs and their breaks</h2>

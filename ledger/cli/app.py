@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from ledger.api import IngestCounts, Ledger, row_of
+from ledger.api import IngestCounts, Instrument, Ledger, row_of
 from ledger.cli.common import (
     AsKnownAt,
     AsOf,
@@ -293,7 +293,7 @@ def positions(
 
     faults: list[StreamFault] = []
 
-    async def _positions() -> list[dict[str, Any]]:
+    async def _positions() -> tuple[list[dict[str, Any]], dict[str, Instrument]]:
         async with await connect() as ledger:
             rows = await ledger.positions(
                 account=account,
@@ -304,9 +304,11 @@ def positions(
                 include_flat=include_flat,
                 faults=faults,
             )
-        return [row_of(r) for r in rows]
+            shown = await ledger.instruments(r.contract for r in rows) if fmt == "table" else {}
+        return [row_of(r) for r in rows], shown
 
-    emit_rows(run(_positions()), fmt, title="Positions")
+    rows, instruments = run(_positions())
+    emit_rows(rows, fmt, title="Positions", instruments=instruments)
     warn_faulted(faults)
 
 
@@ -341,7 +343,7 @@ def pnl(
             )
         return [line.as_row(by.value) for line in lines]
 
-    emit_rows(run(_pnl()), fmt, title="Realized P&L")
+    emit_rows(run(_pnl()), fmt, title="Realized P&L", instruments={})  # rows name currency
     warn_faulted(faults)
 
 
@@ -359,14 +361,16 @@ def history(
     at, known = parse_times(as_of, as_known_at)
     start, end = parse_time(time_from, "--from"), parse_time(time_to, "--to")
 
-    async def _history() -> list[dict[str, Any]]:
+    async def _history() -> tuple[list[dict[str, Any]], dict[str, Instrument]]:
         async with await connect() as ledger:
             rows = await ledger.history(
                 account, contract, time_from=start, time_to=end, as_of=at, as_known_at=known
             )
-        return [row_of(r) for r in rows]
+            shown = await ledger.instruments([contract]) if fmt == "table" else {}
+        return [row_of(r) for r in rows], shown
 
-    emit_rows(run(_history()), fmt, title="Position history")
+    rows, instruments = run(_history())
+    emit_rows(rows, fmt, title="Position history", instruments=instruments, contract=contract)
 
 
 @app.command()

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from ledger.api import Lot, Verification, row_of
+from ledger.api import Instrument, Lot, Verification, row_of
 from ledger.cli.common import (
     AsKnownAt,
     AsOf,
@@ -232,15 +232,22 @@ def trail_command(
     """Show every event that made a position, in fold order, with busts and restatements."""
     at, known = parse_times(as_of, as_known_at)
 
-    async def _trail() -> list[dict[str, Any]]:
+    async def _trail() -> tuple[list[dict[str, Any]], dict[str, Instrument]]:
         async with await connect() as ledger:
             entries = await ledger.trail(account, contract, as_of=at, as_known_at=known)
-        return [row_of(e) for e in entries]
+            shown = await ledger.instruments([contract]) if fmt == "table" else {}
+        return [row_of(e) for e in entries], shown
 
-    rows = run(_trail())
+    rows, instruments = run(_trail())
     if fmt == OutputFormat.table:
         rows = [{c: r[c] for c in _TRAIL_TABLE_COLUMNS} for r in rows]
-    emit_rows(rows, fmt, title=f"Trail of {account}/{contract}")
+    emit_rows(
+        rows,
+        fmt,
+        title=f"Trail of {account}/{contract}",
+        instruments=instruments,
+        contract=contract,
+    )
 
 
 @app.command("explain")
@@ -254,9 +261,13 @@ def explain_command(
     """Show a position at T and the FIFO lots that make it up, each traced to its fill."""
     at, known = parse_times(as_of, as_known_at)
 
+    instruments: dict[str, Instrument] = {}
+
     async def _explain() -> dict[str, Any]:
         async with await connect() as ledger:
             found = await ledger.explain(account, contract, as_of=at, as_known_at=known)
+            if fmt == OutputFormat.table:
+                instruments.update(await ledger.instruments([contract]))
         data = row_of(found)
         data["lots"] = [row_of(lot) for lot in found.lots]
         if found.as_known_at is None or found.clock == "as_known_at":
@@ -272,8 +283,8 @@ def explain_command(
     if fmt == OutputFormat.csv:  # the FIFO lots; the position itself is in --format json
         emit_rows(lots, fmt, columns=[f.name for f in fields(Lot)])
         return
-    emit_rows([result], fmt, title=f"Position {account}/{contract}")
-    emit_rows(lots, fmt, title="Open FIFO lots")
+    emit_rows([result], fmt, title=f"Position {account}/{contract}", instruments=instruments)
+    emit_rows(lots, fmt, title="Open FIFO lots", instruments=instruments, contract=contract)
 
 
 # -------------------------------------------------------------------- verify

@@ -1,9 +1,12 @@
 """What every ``ledger`` command shares: the Typer app, output, engines, errors.
 
-``--format`` always names the output format. With ``LEDGER_DATABASE_URL`` unset every
-command uses the embedded cluster under ``LEDGER_HOME``, creating, starting and
-migrating it on first use; with it set, any command but ``ledger db init`` refuses an
-unmigrated database with an error that names ``ledger db init``.
+``--format`` always names the output format: ``table`` (for reading: money in its
+currency's minor units, prices to the instrument's tick precision, averages to it plus
+4 places, see :mod:`ledger.display`), ``json`` or ``csv`` (both exact, the same strings).
+With ``LEDGER_DATABASE_URL`` unset every command uses the embedded cluster under
+``LEDGER_HOME``, creating, starting and migrating it on first use; with it set, any
+command but ``ledger db init`` refuses an unmigrated database with an error that names
+``ledger db init``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import db
-from ledger.api import Ledger
+from ledger.api import Instrument, Ledger
+from ledger.display import AVERAGE_EXTRA_PLACES, COLUMN_KINDS, Kind, show_row
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
 from ledger.settings import Settings
@@ -58,6 +62,7 @@ __all__ = [
     "parse_time",
     "parse_times",
     "progress_bar",
+    "readable",
     "run",
     "standby",
     "warn_faulted",
@@ -101,7 +106,14 @@ class InputKind(StrEnum):
 
 
 FormatOption = Annotated[
-    OutputFormat, typer.Option("--format", "-f", help="Output format: table, json or csv.")
+    OutputFormat,
+    typer.Option(
+        "--format",
+        "-f",
+        help="Output format: table (for reading: money in its currency's minor units, "
+        "prices to the instrument's tick precision, averages to it plus "
+        f"{AVERAGE_EXTRA_PLACES} places), json or csv (exact values, the same strings).",
+    ),
 ]
 
 
@@ -274,17 +286,42 @@ def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None =
     sys.stdout.write(buffer.getvalue())
 
 
+def readable(
+    row: Mapping[str, Any], instruments: Mapping[str, Instrument], contract: str | None = None
+) -> dict[str, Any]:
+    """Return a row as a table shows it (see :mod:`ledger.display`): money in its
+    currency's minor units with a ``currency`` column, prices to the tick precision,
+    averages to it plus :data:`ledger.display.AVERAGE_EXTRA_PLACES` places."""
+    name = row.get("contract", contract)
+    inst = instruments.get(name) if isinstance(name, str) else None
+    currency = row.get("currency") or (inst.currency if inst is not None else None)
+    shown = show_row(row, currency=currency, tick_size=None if inst is None else inst.tick_size)
+    has_money = any(COLUMN_KINDS.get(k) is Kind.MONEY for k in row)
+    if "currency" in row or not has_money or currency is None:
+        return shown
+    after = "contract" if "contract" in row else None
+    result: dict[str, Any] = {} if after else {"currency": currency}
+    for k, v in shown.items():
+        result[k] = v
+        if k == after:
+            result["currency"] = currency
+    return result
+
+
 def emit_rows(
     rows: Sequence[dict[str, Any]],
     fmt: OutputFormat | TableOrJson,
     *,
     title: str = "",
     columns: Sequence[str] | None = None,
+    instruments: Mapping[str, Instrument] | None = None,
+    contract: str | None = None,
 ) -> None:
     """Print rows as a Rich table, a JSON list, or CSV with a header.
 
-    CSV holds exactly what JSON holds, cell for cell (see :func:`csv_cell`); the table
-    is for reading (see :mod:`ledger.display`).
+    CSV holds exactly what JSON holds, cell for cell (see :func:`csv_cell`). The table
+    is for reading: with ``instruments`` (and ``contract`` for rows of one contract that
+    do not name it) numbers are shown by :func:`readable`; without, exactly.
     """
     if fmt == "json":
         if standby.lag is not None:  # read from a standby: say how far behind it was
@@ -295,6 +332,8 @@ def emit_rows(
     if fmt == "csv":
         write_csv(rows, columns)
         return
+    if instruments is not None:
+        rows = [readable(r, instruments, contract) for r in rows]
     names = list(rows[0]) if rows else []
     table = Table(title=title or None, show_lines=False)
     for c in names:

@@ -177,3 +177,22 @@ def test_csv_of_stats_holds_every_leaf_of_its_json(day: Path) -> None:
     for key, value in want.items():
         expected = json.dumps(value) if isinstance(value, dict | list) else as_text(value)
         assert got[key] == expected, key
+
+
+def test_tables_show_money_in_cents_with_its_currency_and_prices_to_the_tick(day: Path) -> None:
+    table = invoke("positions", "--format", "table")
+    assert table.exit_code == 0, table.output
+    lines = {
+        line.split("│")[2].strip(): line for line in table.stdout.splitlines() if "ACC-1" in line
+    }
+    es, zn = lines[ES], lines[ZN]
+    cells = [c.strip() for c in es.split("│")]
+    assert "USD" in cells
+    assert "5000.750000" in cells  # average: tick 0.25 (2 places) + 4
+    assert "125.00" in cells and "354.20" in cells  # money in cents
+    assert "5002.00" in cells  # the mark, to the tick
+    zn_cells = [c.strip() for c in zn.split("│")]
+    assert "110.031250000" in zn_cells  # tick 1/32: 5 places + 4
+    # the exact values stay in JSON
+    exact = {r["contract"]: r for r in as_json(invoke("positions", "--format", "json"))}
+    assert exact[ES]["fees"] == "354.20" and exact[ZN]["avg_open_price"].startswith("110.03125")

@@ -135,25 +135,25 @@ def test_eod_report_files_hold_the_days_numbers(
 
     pnl = {(r["account"], r["contract"]): r for r in read_csv(out / f"{stem}-pnl.csv")}
     # ES ACC-1: E-2 closes E-0 (+14.25 x 50) and one E-1 (+4.25 x 50); E-3 closes E-1 (-2 x 50)
-    assert pnl[("ACC-1", ES)]["realized_pnl"] == "825"
-    assert pnl[("ACC-1", ES)]["fees"] == "6.3"
-    assert pnl[("ACC-1", ES)]["net_realized_pnl"] == "818.7"
-    assert pnl[("ACC-1", NQ)]["realized_pnl"] == "190"  # (18000 - 17990.50) x 20
-    assert pnl[("ACC-2", ES)]["realized_pnl"] == "325"  # (5002 - 4995.50) x 50
+    assert pnl[("ACC-1", ES)]["realized_pnl"] == "825.00"
+    assert pnl[("ACC-1", ES)]["fees"] == "6.30"
+    assert pnl[("ACC-1", ES)]["net_realized_pnl"] == "818.70"
+    assert pnl[("ACC-1", NQ)]["realized_pnl"] == "190.00"  # (18000 - 17990.50) x 20
+    assert pnl[("ACC-2", ES)]["realized_pnl"] == "325.00"  # (5002 - 4995.50) x 50
     positions = {(r["account"], r["contract"]): r for r in read_csv(out / f"{stem}-positions.csv")}
     assert positions[("ACC-1", ES)]["signed_qty"] == "0"
     assert (positions[("ACC-1", NQ)]["signed_qty"], positions[("ACC-1", NQ)]["unrealized_pnl"]) == (
         "-2",
-        "800",
+        "800.00",
     )
-    assert positions[("ACC-2", ES)]["avg_open_price"] == "4996"
+    assert positions[("ACC-2", ES)]["avg_open_price"] == "4996.00"
     breaks = read_csv(out / f"{stem}-breaks.csv")
     assert [(b["type"], b["account"], b["exec_ids"]) for b in breaks] == [
         ("POSITION_QTY_BREAK", "ACC-2", "F-1 F-2 F-3")
     ]
     curve = read_csv(out / f"{stem}-pnl-curve.csv")
     assert [c["exec_id"] for c in curve] == ["E-2", "E-3", "N-2", "F-2"]
-    assert curve[-1]["cum_realized_pnl_total"] == "1340"
+    assert curve[-1]["cum_realized_pnl_total"] == "1340.00"
 
     parquet = pl.read_parquet(out / f"{stem}-pnl.parquet")
     assert isinstance(parquet.schema["realized_pnl"], pl.Decimal)
@@ -178,7 +178,7 @@ def test_eod_report_files_hold_the_days_numbers(
     after = {
         (r["account"], r["contract"]): r for r in read_csv(tmp_path / "after" / f"{stem}-pnl.csv")
     }
-    assert after[("ACC-2", ES)]["realized_pnl"] == "300"  # F-3 now closes F-1 at 4996
+    assert after[("ACC-2", ES)]["realized_pnl"] == "300.00"  # F-3 now closes F-1 at 4996
     known = invoke(
         "report", "--date", DAY, "--out", str(tmp_path / "then"), "--as-known-at", known_at
     )
@@ -251,6 +251,7 @@ def test_parquet_files_of_two_days_read_together_with_one_schema(
         "positions": {
             "account": pl.String,
             "contract": pl.String,
+            "currency": pl.String,
             "signed_qty": money,
             "side": pl.String,
             "avg_open_price": money,
