@@ -908,8 +908,11 @@ class Ledger:
         async with self._conn() as conn:
             return await load_run(conn, run_id)
 
-    async def report(self, day: date, *, as_known_at: datetime | None = None) -> DayReport:
-        """Return trading day ``day``'s end-of-day report.
+    async def report(
+        self, day: date, *, as_known_at: datetime | None = None, progress: Progress | None = None
+    ) -> DayReport:
+        """Return trading day ``day``'s end-of-day report (``progress`` is called with 1
+        for each stream replayed).
 
         Raises:
             AuditError: a contract with fills has no instrument.
@@ -927,6 +930,7 @@ class Ledger:
                     session_start=self._session_start,
                     session_tz=self._session_tz,
                     as_known_at=as_known_at,
+                    progress=progress,
                 )
             except LookupError as exc:
                 raise audit.AuditError(str(exc)) from None
@@ -938,6 +942,7 @@ class Ledger:
         *,
         as_known_at: datetime | None = None,
         warnings: list[str] | None = None,
+        progress: Progress | None = None,
     ) -> list[Path]:
         """Write ``day``'s report (HTML, CSV and Parquet) into ``out_dir``; return the files.
 
@@ -950,7 +955,7 @@ class Ledger:
         """
         from projections.report import write_report
 
-        report = await self.report(day, as_known_at=as_known_at)
+        report = await self.report(day, as_known_at=as_known_at, progress=progress)
         if warnings is not None:
             warnings.extend(report.warnings())
         try:
@@ -961,16 +966,27 @@ class Ledger:
             raise audit.AuditError(f"report: {exc}") from None
 
     async def verify(
-        self, *, projections: bool = True, seal: bool = False, against: LogSealed | None = None
+        self,
+        *,
+        projections: bool = True,
+        seal: bool = False,
+        against: LogSealed | None = None,
+        progress: Progress | None = None,
+        stream_progress: Progress | None = None,
+        catch_up_progress: Progress | None = None,
     ) -> Verification:
         """Recompute the log's hash chains, heads and seals; compare the projections
         with a fresh replay (after catching them up); with ``seal``, seal a log that
         verifies; with ``against`` (a seal kept outside the database, see
-        :meth:`latest_seal`), also check that the log still reaches it."""
+        :meth:`latest_seal`), also check that the log still reaches it.
+
+        ``catch_up_progress`` is called with the events projected while catching up,
+        ``progress`` with the events whose hash chain was checked, ``stream_progress``
+        with 1 per stream replayed against its projection."""
         catch_up_error = None
         if projections:
             try:
-                await self.runner().catch_up()
+                await self.runner().catch_up(catch_up_progress)
             except Exception as exc:  # a tampered log may not project at all
                 catch_up_error = f"projections cannot catch up: {exc}"
         if self.read_engine is not None:
@@ -978,13 +994,23 @@ class Ledger:
             # what the primary had when the catch-up above ended
             async with self._read(False) as conn:
                 await self._wait_for_replay(conn)
-                report = await audit.verify(conn, check_projections=projections)
+                report = await audit.verify(
+                    conn,
+                    check_projections=projections,
+                    progress=progress,
+                    stream_progress=stream_progress,
+                )
                 faults = await queries.faulted_streams(conn)
                 if against is not None:
                     report.problems.extend(await verify_against(conn, against))
         else:
             async with self._conn() as conn:
-                report = await audit.verify(conn, check_projections=projections)
+                report = await audit.verify(
+                    conn,
+                    check_projections=projections,
+                    progress=progress,
+                    stream_progress=stream_progress,
+                )
                 faults = await queries.faulted_streams(conn)
                 if against is not None:
                     report.problems.extend(await verify_against(conn, against))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
@@ -181,6 +181,7 @@ async def build_report(
     session_start: time | None = None,
     session_tz: ZoneInfo | None = None,
     as_known_at: datetime | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> DayReport:
     """Build trading day ``day``'s report from the log.
 
@@ -190,6 +191,7 @@ async def build_report(
         session_start: the trading-day boundary (see :func:`projections.pnl.trading_day`).
         session_tz: the zone of ``session_start``.
         as_known_at: only what had been recorded by then (None: everything known now).
+        progress: called with 1 for each stream replayed.
 
     A stream that cannot be folded on this clock (an event off its tick grid, a
     contract with no instrument) is left out and listed in ``report.faults``; the
@@ -202,6 +204,8 @@ async def build_report(
     pnl: dict[tuple[str, str], dict[str, Any]] = {}
     day_effects: list[tuple[str, str, FillEffect]] = []
     for stream in await streams_with_fills(conn, end, known):
+        if progress is not None:
+            progress(1)
         account, contract = stream.split("/", 1)
         grid = await instrument_grid(conn, contract)
         rows = await load_stream(conn, stream, occurred_by=cutoff, recorded_by=as_known_at)

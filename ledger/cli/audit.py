@@ -33,6 +33,8 @@ from ledger.cli.common import (
     parse_day,
     parse_time,
     parse_times,
+    progress_bar,
+    progress_bars,
     run,
     standby,
 )
@@ -414,7 +416,20 @@ def verify_command(
 
     async def _verify() -> tuple[Verification, LogSealed | None]:
         async with await connect() as ledger:
-            report = await ledger.verify(projections=projections, seal=seal, against=outside)
+            total = await ledger.count_events()
+            tasks: list[tuple[str, float | None]] = [("hash chains", float(total))]
+            if projections:
+                tasks = [("catching up", None), *tasks, ("replaying streams", None)]
+            with progress_bars(*tasks) as advances:
+                catch_up, chains, streams = advances if projections else (None, advances[0], None)
+                report = await ledger.verify(
+                    projections=projections,
+                    seal=seal,
+                    against=outside,
+                    progress=chains,
+                    stream_progress=streams,
+                    catch_up_progress=catch_up,
+                )
             latest = await ledger.latest_seal() if export is not None and report.ok else None
         return report, latest
 
@@ -465,9 +480,10 @@ def report_command(
 
     async def _report() -> list[Path]:
         async with await connect() as ledger:
-            return await ledger.write_report(
-                trading_day, out_dir, as_known_at=known, warnings=warnings
-            )
+            with progress_bar("replaying streams") as advance:
+                return await ledger.write_report(
+                    trading_day, out_dir, as_known_at=known, warnings=warnings, progress=advance
+                )
 
     for path in run(_report()):
         out.print(str(path), highlight=False)

@@ -21,13 +21,14 @@ from datetime import UTC, date, datetime
 from datetime import time as dt_time
 from decimal import Decimal
 from enum import StrEnum
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -62,6 +63,7 @@ __all__ = [
     "parse_time",
     "parse_times",
     "progress_bar",
+    "progress_bars",
     "readable",
     "run",
     "standby",
@@ -347,10 +349,14 @@ def emit_rows(
 
 
 @contextmanager
-def progress_bar(description: str, total: float | None = None) -> Iterator[Callable[[int], None]]:
-    """Yield an ``advance(n)`` callback driving a progress bar on a terminal (else silent)."""
+def progress_bars(
+    *tasks: tuple[str, float | None],
+) -> Iterator[list[Callable[[int], None]]]:
+    """Yield one ``advance(n)`` callback per (description, total) task, driving progress
+    bars on stderr when it is a terminal; elsewhere (pipes, files, scripts) they do
+    nothing, so scripted output stays clean."""
     if not err.is_terminal:
-        yield lambda _n: None
+        yield [lambda _n: None for _ in tasks]
         return
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -360,8 +366,19 @@ def progress_bar(description: str, total: float | None = None) -> Iterator[Calla
         console=err,
         transient=True,
     ) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        ids = [bar.add_task(description, total=total) for description, total in tasks]
+        yield [partial(_advance, bar, task) for task in ids]
+
+
+def _advance(bar: Progress, task: TaskID, n: int) -> None:
+    bar.advance(task, n)
+
+
+@contextmanager
+def progress_bar(description: str, total: float | None = None) -> Iterator[Callable[[int], None]]:
+    """Yield an ``advance(n)`` callback driving a progress bar on a terminal (else silent)."""
+    with progress_bars((description, total)) as (advance,):
+        yield advance
 
 
 # --------------------------------------------------------------------------- db
