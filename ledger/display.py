@@ -11,7 +11,9 @@ JSON and CSV carry the exact values (every digit and every trailing zero the val
   plus :data:`AVERAGE_EXTRA_PLACES` places (tick 0.25: 6 places), since an average of
   prices on the grid is not on the grid (``5000.166666`` for lots at 5000.00, 5000.25
   and 5000.25);
-- **a quantity** exactly as it is.
+- **a quantity** exactly as it is;
+- **a break's execution ids**: the first :data:`EXEC_IDS_SHOWN` and how many more (the
+  files and JSON hold them all).
 
 Where the instrument is not known (no tick size, no currency), a number is shown
 exactly. Nothing here uses a float: the rounding is ``Decimal.quantize``.
@@ -26,8 +28,10 @@ from enum import StrEnum
 __all__ = [
     "AVERAGE_EXTRA_PLACES",
     "COLUMN_KINDS",
+    "EXEC_IDS_SHOWN",
     "Kind",
     "at_least",
+    "exec_ids_shown",
     "fixed",
     "minor_units",
     "show",
@@ -135,3 +139,16 @@ def show_row(
         else v
         for k, v in row.items()
     }
+
+
+EXEC_IDS_SHOWN = 6
+"""Execution ids a break shows in a table or on the page; files and JSON hold them all."""
+
+
+def exec_ids_shown(ids: str) -> str:
+    """Return space-separated execution ids as a reader sees them: the first few and
+    "and K more" (a break after a busy day can name hundreds)."""
+    listed = ids.split()
+    if len(listed) <= EXEC_IDS_SHOWN:
+        return " ".join(listed)
+    return f"{' '.join(listed[:EXEC_IDS_SHOWN])} and {len(listed) - EXEC_IDS_SHOWN} more"

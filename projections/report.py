@@ -27,7 +27,16 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import orjson
 
-from ledger.display import COLUMN_KINDS, Kind, at_least, fixed, minor_units, show, tick_places
+from ledger.display import (
+    COLUMN_KINDS,
+    Kind,
+    at_least,
+    exec_ids_shown,
+    fixed,
+    minor_units,
+    show,
+    tick_places,
+)
 from ledger.events import ReconciliationCompleted, decimal_text, event_from_stored
 from ledger.store import mark_price_at, reconciliation_runs, streams_with_fills
 from projections.audit import load_stream
@@ -707,10 +716,6 @@ def render_chart(report: DayReport, *, width: int = 1100, height: int = 340) -> 
     return "".join(parts) + f'<div class="legend">{legend}</div>'
 
 
-EXEC_IDS_SHOWN = 6
-"""Execution ids a break shows on the page; the CSV and Parquet files hold them all."""
-
-
 def _source_label(source: str) -> str:
     """Say what a run compared against: a statement file (name and hash) or the log."""
     if source.startswith("file:"):
@@ -721,19 +726,12 @@ def _source_label(source: str) -> str:
     return source
 
 
-def _exec_ids_shown(ids: str) -> str:
-    listed = ids.split()
-    if len(listed) <= EXEC_IDS_SHOWN:
-        return " ".join(listed)
-    shown = " ".join(listed[:EXEC_IDS_SHOWN])
-    return f"{shown} and {len(listed) - EXEC_IDS_SHOWN} more"
-
-
 def render_runs(report: DayReport) -> str:
     """Return every reconciliation run of the day (time, source, breaks), oldest first.
 
     Each run shows its own breaks, so a run with breaks followed by a clean one shows
-    both; a break lists its first :data:`EXEC_IDS_SHOWN` execution ids and how many more.
+    both; a break lists its first :data:`ledger.display.EXEC_IDS_SHOWN` execution ids and
+    how many more.
     """
     if not report.runs:
         return '<p class="empty" id="runs-empty">No reconciliation run this day.</p>'
@@ -742,7 +740,7 @@ def render_runs(report: DayReport) -> str:
     break_columns = tuple(c for c in BREAK_COLUMNS if c[0] != "run_id")
     for i, run in enumerate(report.runs, 1):
         rows = [
-            {**b, "exec_ids": _exec_ids_shown(b["exec_ids"])}
+            {**b, "exec_ids": exec_ids_shown(b["exec_ids"])}
             for b in report.breaks
             if b["run_id"] == run["run_id"]
         ]

@@ -38,6 +38,7 @@ from ledger.cli.common import (
     run,
     standby,
 )
+from ledger.display import exec_ids_shown
 from ledger.events import LogSealed, ReconciliationCompleted
 from ledger.integrity import problems_as_rows, seal_from_record, seal_record
 from ledger.values import to_decimal
@@ -116,6 +117,7 @@ def _print_run(
         ]
         emit_rows([{c: r[c] for c in columns} for r in rows], fmt, columns=columns)
         return
+    rows = [{**r, "exec_ids": exec_ids_shown(r["exec_ids"])} for r in rows]  # all: json/csv
     out.print(
         f"reconciliation {event.run_id} at {event.cutoff.isoformat()} against {event.source}: "
         f"{event.matched} matched, {len(event.breaks)} break(s)",

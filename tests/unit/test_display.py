@@ -6,7 +6,16 @@ from decimal import Decimal
 
 import pytest
 
-from ledger.display import AVERAGE_EXTRA_PLACES, Kind, at_least, minor_units, show, tick_places
+from ledger.display import (
+    AVERAGE_EXTRA_PLACES,
+    EXEC_IDS_SHOWN,
+    Kind,
+    at_least,
+    exec_ids_shown,
+    minor_units,
+    show,
+    tick_places,
+)
 
 
 @pytest.mark.parametrize(
@@ -47,3 +56,10 @@ def test_at_least_pads_and_never_rounds() -> None:
     assert at_least(Decimal("0.125"), 2) == "0.125"
     assert at_least(Decimal("-2.5"), 2) == "-2.50"
     assert at_least(Decimal("1E+2"), 0) == "100"
+
+
+def test_a_long_list_of_execution_ids_shows_a_few_and_counts_the_rest() -> None:
+    ids = " ".join(f"X-{i}" for i in range(20))
+    assert exec_ids_shown(ids) == "X-0 X-1 X-2 X-3 X-4 X-5 and 14 more"
+    assert exec_ids_shown("A B C") == "A B C"
+    assert exec_ids_shown(" ".join(f"X-{i}" for i in range(EXEC_IDS_SHOWN))).count("more") == 0
