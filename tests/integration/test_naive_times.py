@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import pytest
 from cli_testing import instrument, invoke, seed
@@ -28,22 +29,22 @@ NEEDS = {
     "history": ["--account", "ACC-1", "--contract", ES],
     "trail": ["--account", "ACC-1", "--contract", ES],
     "explain": ["--account", "ACC-1", "--contract", ES],
-    "report": ["--date", "2026-11-23", "--out", "unused-report-dir"],
 }
 
 
 @pytest.mark.parametrize(("command", "option"), COMMANDS)
 def test_a_naive_time_is_refused_in_one_line_naming_the_option_and_value(
-    cli_env: dict[str, str], db_url: str, command: str, option: str
+    cli_env: dict[str, str], db_url: str, tmp_path: Path, command: str, option: str
 ) -> None:
     seed(db_url, [instrument(ES, "0.25", "12.50")])
-    result = invoke(command, *NEEDS.get(command, []), option, NAIVE)
+    needs = {**NEEDS, "report": ["--date", "2026-11-23", "--out", str(tmp_path / "eod")]}
+    result = invoke(command, *needs.get(command, []), option, NAIVE)
     assert result.exit_code == 2, (result.output, result.exception)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, result.output
     assert option in lines[0] and NAIVE in lines[0] and "no time zone" in lines[0]
     # the same time with a zone is accepted (the command runs past its options)
-    aware = invoke(command, *NEEDS.get(command, []), option, NAIVE + "Z")
+    aware = invoke(command, *needs.get(command, []), option, NAIVE + "Z")
     assert "no time zone" not in aware.output
 
 
