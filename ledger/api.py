@@ -106,6 +106,7 @@ __all__ = [
     "Explanation",
     "HistoryEntry",
     "IngestCounts",
+    "Instrument",
     "Ledger",
     "Lot",
     "PnlLine",
@@ -311,6 +312,15 @@ class TrailEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class Instrument:
+    """What a reader's view of a contract's numbers needs: its tick size and currency."""
+
+    contract: str
+    tick_size: Decimal
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
 class Lot:
     """An open FIFO lot, traced to the fill that opened it."""
 
@@ -420,11 +430,30 @@ class Stats:
         return self.received == self.appended + self.duplicates + self.rejected
 
 
+def _aware(name: str, value: datetime | None) -> None:
+    """Refuse a naive time: guessing its zone would shift the answer by the caller's offset.
+
+    Raises:
+        ValueError: ``value`` has no zone; the message names the argument and the value.
+    """
+    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+        raise ValueError(
+            f"{name}: {value.isoformat()} has no time zone (naive times are refused, as "
+            "ingest refuses them): pass an aware datetime, e.g. tzinfo=UTC"
+        )
+
+
 def _clock(
     as_of: datetime | None, as_known_at: datetime | None, default: Clock = "now"
 ) -> tuple[Clock, datetime | None, datetime | None]:
     """Return (clock, at, recorded_by) for the two times: both at once is ``as_of``
-    at ``as_of`` with only what was recorded by ``as_known_at``."""
+    at ``as_of`` with only what was recorded by ``as_known_at``.
+
+    Raises:
+        ValueError: a time has no zone (naive times are refused, as ingest refuses them).
+    """
+    _aware("as_of", as_of)
+    _aware("as_known_at", as_known_at)
     if as_of is not None:
         return "as_of", as_of, as_known_at
     if as_known_at is not None:
@@ -926,7 +955,9 @@ class Ledger:
 
         Raises:
             ReconciliationError: a tolerance is negative, or a contract is undefined.
+            ValueError: ``cutoff`` has no time zone.
         """
+        _aware("cutoff", cutoff)
         async with self._conn() as conn:
             try:
                 result = await reconcile(
@@ -944,6 +975,17 @@ class Ledger:
             await record_run(self.store, result.event)
         return result
 
+    async def instruments(self, contracts: Iterable[str]) -> dict[str, Instrument]:
+        """Return the tick size and currency of each defined contract of ``contracts``
+        (an undefined one is left out), for showing prices and money to a reader."""
+        found: dict[str, Instrument] = {}
+        async with self._read(False) as conn:
+            for contract in sorted(set(contracts)):
+                grid = await queries.instrument_display(conn, contract)
+                if grid is not None:
+                    found[contract] = Instrument(contract, grid[0], grid[1])
+        return found
+
     async def reconciliation(self, run_id: str) -> ReconciliationCompleted:
         """Return a stored reconciliation run by its id.
 
@@ -953,13 +995,19 @@ class Ledger:
         async with self._conn() as conn:
             return await load_run(conn, run_id)
 
-    async def report(self, day: date, *, as_known_at: datetime | None = None) -> DayReport:
-        """Return trading day ``day``'s end-of-day report.
+    async def report(
+        self, day: date, *, as_known_at: datetime | None = None, progress: Progress | None = None
+    ) -> DayReport:
+        """Return trading day ``day``'s end-of-day report (``progress`` is called with 1
+        for each stream replayed).
 
         Raises:
             AuditError: a contract with fills has no instrument.
+            ValueError: ``as_known_at`` has no time zone.
         """
-        from projections.report import build_report  # polars only when reporting
+        from projections.report import build_report
+
+        _aware("as_known_at", as_known_at)
 
         async with self._read(False) as conn:
             try:
@@ -969,6 +1017,7 @@ class Ledger:
                     session_start=self._session_start,
                     session_tz=self._session_tz,
                     as_known_at=as_known_at,
+                    progress=progress,
                 )
             except LookupError as exc:
                 raise audit.AuditError(str(exc)) from None
@@ -980,6 +1029,7 @@ class Ledger:
         *,
         as_known_at: datetime | None = None,
         warnings: list[str] | None = None,
+        progress: Progress | None = None,
     ) -> list[Path]:
         """Write ``day``'s report (HTML, CSV and Parquet) into ``out_dir``; return the files.
 
@@ -992,25 +1042,38 @@ class Ledger:
         """
         from projections.report import write_report
 
-        report = await self.report(day, as_known_at=as_known_at)
+        report = await self.report(day, as_known_at=as_known_at, progress=progress)
         if warnings is not None:
             warnings.extend(report.warnings())
         try:
             return write_report(report, out_dir)
         except OSError as exc:
             raise audit.AuditError(f"--out: cannot write into {str(out_dir)!r}: {exc}") from None
+        except ValueError as exc:
+            raise audit.AuditError(f"report: {exc}") from None
 
     async def verify(
-        self, *, projections: bool = True, seal: bool = False, against: LogSealed | None = None
+        self,
+        *,
+        projections: bool = True,
+        seal: bool = False,
+        against: LogSealed | None = None,
+        progress: Progress | None = None,
+        stream_progress: Progress | None = None,
+        catch_up_progress: Progress | None = None,
     ) -> Verification:
         """Recompute the log's hash chains, heads and seals; compare the projections
         with a fresh replay (after catching them up); with ``seal``, seal a log that
         verifies; with ``against`` (a seal kept outside the database, see
-        :meth:`latest_seal`), also check that the log still reaches it."""
+        :meth:`latest_seal`), also check that the log still reaches it.
+
+        ``catch_up_progress`` is called with the events projected while catching up,
+        ``progress`` with the events whose hash chain was checked, ``stream_progress``
+        with 1 per stream replayed against its projection."""
         catch_up_error = None
         if projections:
             try:
-                await self.runner().catch_up()
+                await self.runner().catch_up(catch_up_progress)
             except Exception as exc:  # a tampered log may not project at all
                 catch_up_error = f"projections cannot catch up: {exc}"
         if self.read_engine is not None:
@@ -1018,13 +1081,23 @@ class Ledger:
             # what the primary had when the catch-up above ended
             async with self._read(False) as conn:
                 await self._wait_for_replay(conn)
-                report = await audit.verify(conn, check_projections=projections)
+                report = await audit.verify(
+                    conn,
+                    check_projections=projections,
+                    progress=progress,
+                    stream_progress=stream_progress,
+                )
                 faults = await queries.faulted_streams(conn)
                 if against is not None:
                     report.problems.extend(await verify_against(conn, against))
         else:
             async with self._conn() as conn:
-                report = await audit.verify(conn, check_projections=projections)
+                report = await audit.verify(
+                    conn,
+                    check_projections=projections,
+                    progress=progress,
+                    stream_progress=stream_progress,
+                )
                 faults = await queries.faulted_streams(conn)
                 if against is not None:
                     report.problems.extend(await verify_against(conn, against))
@@ -1201,6 +1274,7 @@ class SyncLedger:
     trail = _blocking(Ledger.trail)
     explain = _blocking(Ledger.explain)
     reconcile = _blocking(Ledger.reconcile)
+    instruments = _blocking(Ledger.instruments)
     reconciliation = _blocking(Ledger.reconciliation)
     report = _blocking(Ledger.report)
     write_report = _blocking(Ledger.write_report)

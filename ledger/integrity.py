@@ -36,7 +36,7 @@ import hashlib
 import struct
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -326,12 +326,17 @@ class VerifyReport:
         return not self.problems
 
 
-async def verify_log(conn: asyncpg.Connection, report: VerifyReport | None = None) -> VerifyReport:
+async def verify_log(
+    conn: asyncpg.Connection,
+    report: VerifyReport | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
     """Check the log's hash chains, stream heads and seals.
 
     Args:
         conn: a connection on the ledger's database.
         report: a report to add to (a new one when None).
+        progress: called with the number of events checked, page by page.
 
     Returns:
         The report; ``report.problems`` lists the hash-chain findings stream by
@@ -340,14 +345,17 @@ async def verify_log(conn: asyncpg.Connection, report: VerifyReport | None = Non
     """
     report = VerifyReport() if report is None else report
     last: dict[str, tuple[int, bytes, int]] = {}  # stream -> (version, hash, position)
-    await _verify_chains(conn, report, last)
+    await _verify_chains(conn, report, last, progress)
     await _verify_heads(conn, report, last)
     await _verify_seals(conn, report)
     return report
 
 
 async def _verify_chains(
-    conn: asyncpg.Connection, report: VerifyReport, last: dict[str, tuple[int, bytes, int]]
+    conn: asyncpg.Connection,
+    report: VerifyReport,
+    last: dict[str, tuple[int, bytes, int]],
+    progress: Callable[[int], None] | None = None,
 ) -> None:
     key: tuple[str, int] = ("", 0)
     while True:
@@ -355,6 +363,8 @@ async def _verify_chains(
         if not rows:
             return
         report.events += len(rows)
+        if progress is not None:
+            progress(len(rows))
         for row in rows:
             position, stream, version, event_id, payload, stored_digest, stored_hash = row[:7]
             stored_digest, stored_hash = bytes(stored_digest), bytes(stored_hash)

@@ -76,6 +76,7 @@ __all__ = [
     "read_counters",
     "reconciled_streams",
     "reconciliation_run",
+    "reconciliation_runs",
     "rejected_rows",
     "stream_fill_rows",
     "streams_with_fills",
@@ -822,6 +823,11 @@ SELECT payload->>'price' FROM events
 WHERE stream = 'instrument/' || $1 AND type = 'mark' AND occurred_at <= $2 AND recorded_at <= $3
 ORDER BY occurred_at DESC, global_position DESC LIMIT 1
 """
+_RUNS = """
+SELECT payload::text, recorded_at FROM events
+WHERE type = 'reconciliation' AND occurred_at >= $1 AND occurred_at < $2 AND recorded_at <= $3
+ORDER BY occurred_at, global_position
+"""
 _LATEST_RUN = """
 SELECT payload::text FROM events
 WHERE type = 'reconciliation' AND occurred_at >= $1 AND occurred_at < $2 AND recorded_at <= $3
@@ -881,6 +887,15 @@ async def mark_price_at(
     """Return the newest mark price of ``contract`` by both times (text), if any."""
     price: str | None = await conn.fetchval(_MARK_PRICE, contract, occurred_by, recorded_by)
     return price
+
+
+async def reconciliation_runs(
+    conn: asyncpg.Connection, start: datetime, end: datetime, recorded_by: datetime
+) -> list[tuple[str, datetime]]:
+    """Return every reconciliation run with its cutoff in [start, end): (payload, recorded_at),
+    in cutoff order (ties in log order)."""
+    rows = await conn.fetch(_RUNS, start, end, recorded_by)
+    return [(r[0], r[1]) for r in rows]
 
 
 async def latest_reconciliation(

@@ -20,6 +20,7 @@ Exceptions::
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -454,21 +455,29 @@ async def explain(
 # ------------------------------------------------------------------ verify
 
 
-async def verify(conn: asyncpg.Connection, *, check_projections: bool = True) -> VerifyReport:
+async def verify(
+    conn: asyncpg.Connection,
+    *,
+    check_projections: bool = True,
+    progress: Callable[[int], None] | None = None,
+    stream_progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
     """Check the log's hash chains, stream heads and seals, and the projections.
 
     Args:
         conn: a connection on the ledger's database.
         check_projections: also compare each serving position with a fresh replay of
             its stream (catch the projections up first, or a lagging one disagrees).
+        progress: called with the number of events whose hash chain was checked.
+        stream_progress: called with 1 for each stream replayed against its projection.
 
     Returns:
         The report; ``report.problems`` lists the log's findings
         (:func:`ledger.integrity.verify_log`), then the projections'.
     """
-    report = await verify_log(conn)
+    report = await verify_log(conn, progress=progress)
     if check_projections:
-        await _verify_projections(conn, report)
+        await _verify_projections(conn, report, stream_progress)
     return report
 
 
@@ -479,7 +488,11 @@ def _comparable(state: PositionState) -> dict[str, object]:
     return data
 
 
-async def _verify_projections(conn: asyncpg.Connection, report: VerifyReport) -> None:
+async def _verify_projections(
+    conn: asyncpg.Connection,
+    report: VerifyReport,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     generation = await serving_generation(conn)
     if generation is None:
         return
@@ -488,6 +501,8 @@ async def _verify_projections(conn: asyncpg.Connection, report: VerifyReport) ->
     faulted = {f.stream: f for f in await stream_faults(conn, generation)}
     for stream in sorted(set(streams) | projected.keys() | faulted.keys()):
         report.projections_checked += 1
+        if progress is not None:
+            progress(1)
         try:
             fresh = (
                 await stream_at(conn, generation, stream, "now", None, with_effects=True)

@@ -59,6 +59,7 @@ __all__ = [
     "faulted_streams",
     "history_rows",
     "instrument_currency",
+    "instrument_display",
     "instrument_grid",
     "pnl_rows",
     "position_rows",
@@ -208,6 +209,15 @@ async def instrument_currency(conn: asyncpg.Connection, contract: str) -> str:
         return "USD"
     currency: str = orjson.loads(payload).get("currency") or "USD"
     return currency
+
+
+async def instrument_display(conn: asyncpg.Connection, contract: str) -> tuple[Decimal, str] | None:
+    """Return a contract's (tick size, currency) from its instrument event, if any."""
+    payload = await conn.fetchval(INSTRUMENT, contract)
+    if payload is None:
+        return None
+    data = orjson.loads(payload)
+    return Decimal(data["tick_size"]), str(data.get("currency") or "USD")
 
 
 async def _instrument(conn: asyncpg.Connection, contract: str) -> tuple[Decimal, Decimal]:

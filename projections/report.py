@@ -1,7 +1,8 @@
 """The end-of-day report: one self-contained HTML page per trading day, plus CSV and Parquet.
 
 The page holds the positions at the end of the trading day, realized P&L by account and
-contract, the breaks of the day's latest reconciliation run, and a chart of cumulative
+contract, every reconciliation run of the day (its cutoff, when it ran, the statement
+file or log reports it compared against) each with its breaks, and a chart of cumulative
 realized P&L through the day drawn as inline SVG. It loads nothing from anywhere: no
 script, no stylesheet, no font, no image. The same tables are written as CSV (exact
 decimal strings) and Parquet (exact ``Decimal`` columns, via polars) for analysts.
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import csv
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -26,8 +27,18 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import orjson
 
+from ledger.display import (
+    COLUMN_KINDS,
+    Kind,
+    at_least,
+    exec_ids_shown,
+    fixed,
+    minor_units,
+    show,
+    tick_places,
+)
 from ledger.events import ReconciliationCompleted, decimal_text, event_from_stored
-from ledger.store import latest_reconciliation, mark_price_at, streams_with_fills
+from ledger.store import mark_price_at, reconciliation_runs, streams_with_fills
 from projections.audit import load_stream
 from projections.faults import UNFOLDABLE, StreamFault, culprit_in_events
 from projections.pnl import PnlRow, aggregate, trading_day
@@ -35,7 +46,17 @@ from projections.positions import FillEffect, replay, unrealized
 from projections.queries import instrument_currency, instrument_grid
 from projections.store import projection_status
 
-__all__ = ["ColumnKind", "DayReport", "build_report", "day_bounds", "render_html", "write_report"]
+__all__ = [
+    "PARQUET_PRECISION",
+    "PARQUET_SCALE",
+    "ColumnKind",
+    "DayReport",
+    "build_report",
+    "day_bounds",
+    "parquet_schema",
+    "render_html",
+    "write_report",
+]
 
 ColumnKind = Literal["str", "dec", "int", "ts", "date"]
 _ZERO = Decimal(0)
@@ -46,6 +67,7 @@ _FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 POSITION_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
     ("account", "str"),
     ("contract", "str"),
+    ("currency", "str"),
     ("signed_qty", "dec"),
     ("side", "str"),
     ("avg_open_price", "dec"),
@@ -78,6 +100,14 @@ BREAK_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
     ("exec_ids", "str"),
     ("detail", "str"),
 )
+RUN_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
+    ("run_id", "str"),
+    ("cutoff", "ts"),
+    ("recorded_at", "ts"),
+    ("source", "str"),
+    ("matched", "int"),
+    ("breaks", "int"),
+)
 CURVE_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
     ("occurred_at", "ts"),
     ("account", "str"),
@@ -99,9 +129,12 @@ class DayReport:
     as_known_at: datetime | None
     positions: list[dict[str, Any]] = field(default_factory=list)
     pnl: list[dict[str, Any]] = field(default_factory=list)
+    # every reconciliation run with its cutoff in the day, in cutoff order, and the
+    # breaks of all of them (each break names its run)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    # each contract's (tick size, currency): how its prices and money are shown
+    instruments: dict[str, tuple[Decimal, str]] = field(default_factory=dict)
     breaks: list[dict[str, Any]] = field(default_factory=list)
-    run_id: str | None = None
-    run_cutoff: datetime | None = None
     curve: list[dict[str, Any]] = field(default_factory=list)
     # streams this report leaves out: what it sees of them cannot be folded
     faults: list[StreamFault] = field(default_factory=list)
@@ -157,6 +190,7 @@ async def build_report(
     session_start: time | None = None,
     session_tz: ZoneInfo | None = None,
     as_known_at: datetime | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> DayReport:
     """Build trading day ``day``'s report from the log.
 
@@ -166,6 +200,7 @@ async def build_report(
         session_start: the trading-day boundary (see :func:`projections.pnl.trading_day`).
         session_tz: the zone of ``session_start``.
         as_known_at: only what had been recorded by then (None: everything known now).
+        progress: called with 1 for each stream replayed.
 
     A stream that cannot be folded on this clock (an event off its tick grid, a
     contract with no instrument) is left out and listed in ``report.faults``; the
@@ -178,6 +213,8 @@ async def build_report(
     pnl: dict[tuple[str, str], dict[str, Any]] = {}
     day_effects: list[tuple[str, str, FillEffect]] = []
     for stream in await streams_with_fills(conn, end, known):
+        if progress is not None:
+            progress(1)
         account, contract = stream.split("/", 1)
         grid = await instrument_grid(conn, contract)
         rows = await load_stream(conn, stream, occurred_by=cutoff, recorded_by=as_known_at)
@@ -193,6 +230,8 @@ async def build_report(
                 StreamFault(stream, culprit.position, event_id, culprit.exec_id, culprit.reason)
             )
             continue
+        currency = await instrument_currency(conn, contract)
+        report.instruments[contract] = (grid[1], currency)
         today = [e for e in effects if trading_day(e.occurred_at, session_start, session_tz) == day]
         if state.signed_qty == 0 and not today:
             continue
@@ -204,6 +243,7 @@ async def build_report(
             {
                 "account": account,
                 "contract": contract,
+                "currency": currency,
                 "signed_qty": state.signed_qty,
                 "side": state.side,
                 "avg_open_price": state.avg_open_price("fifo"),
@@ -219,7 +259,7 @@ async def build_report(
             pnl[(account, contract)] = {
                 "account": account,
                 "contract": contract,
-                "currency": await instrument_currency(conn, contract),
+                "currency": currency,
                 "realized_pnl": realized,
                 "fees": fees,
                 "net_realized_pnl": realized - fees,
@@ -244,13 +284,20 @@ async def build_report(
                 "cum_realized_pnl_total": total,
             }
         )
-    run_payload = await latest_reconciliation(conn, start, end, known)
-    if run_payload is not None:
-        run = event_from_stored(orjson.loads(run_payload))
+    for payload, recorded_at in await reconciliation_runs(conn, start, end, known):
+        run = event_from_stored(orjson.loads(payload))
         assert isinstance(run, ReconciliationCompleted)
-        report.run_id = run.run_id
-        report.run_cutoff = run.cutoff
-        report.breaks = [
+        report.runs.append(
+            {
+                "run_id": run.run_id,
+                "cutoff": run.cutoff,
+                "recorded_at": recorded_at,
+                "source": run.source,
+                "matched": run.matched,
+                "breaks": len(run.breaks),
+            }
+        )
+        report.breaks += [
             {
                 "run_id": run.run_id,
                 "break_id": b.break_id,
@@ -313,47 +360,114 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+Instruments = Mapping[str, tuple[Decimal, str]]
+
+
+def _number_context(
+    row: Mapping[str, Any], instruments: Instruments
+) -> tuple[str | None, Decimal | None]:
+    """Return the currency and tick size a row's numbers are shown with (None: unknown)."""
+    contract = row.get("contract")
+    inst = instruments.get(contract) if isinstance(contract, str) else None
+    currency = row.get("currency") or (None if inst is None else inst[1])
+    return currency, None if inst is None else inst[0]
+
+
+def file_text(column: str, row: Mapping[str, Any], instruments: Instruments) -> str:
+    """Return a cell of a CSV file: exact, never rounded, never losing a trailing zero;
+    money written to at least its currency's minor units, prices and averages to at
+    least the tick precision (``825.00``, ``4996.00``)."""
+    value = row.get(column)
+    if not isinstance(value, Decimal):
+        return _cell(value)
+    currency, tick = _number_context(row, instruments)
+    kind = COLUMN_KINDS.get(column)
+    if kind is Kind.MONEY and currency is not None:
+        return at_least(value, minor_units(currency))
+    if kind in (Kind.PRICE, Kind.AVERAGE) and tick is not None:
+        return at_least(value, tick_places(tick))
+    return f"{value:f}"
+
+
+def shown_text(column: str, row: Mapping[str, Any], instruments: Instruments) -> str:
+    """Return a cell of the page: a number as :func:`ledger.display.show` shows it."""
+    value = row.get(column)
+    if not isinstance(value, Decimal):
+        return _cell(value)
+    currency, tick = _number_context(row, instruments)
+    return show(value, COLUMN_KINDS.get(column), currency=currency, tick_size=tick)
+
+
+def _write_csv(
+    path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str], instruments: Instruments
+) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([_cell(row.get(c)) for c in columns])
+            writer.writerow([file_text(c, row, instruments) for c in columns])
 
 
-def _scale(value: Decimal) -> int:
-    exponent = value.as_tuple().exponent
-    return max(0, -exponent) if isinstance(exponent, int) else 0
+PARQUET_PRECISION = 38
+"""Digits of every Parquet decimal column (a 128-bit decimal holds 38)."""
+PARQUET_SCALE = 12
+"""Fraction digits of every Parquet decimal column: the ledger's own bound on input
+(:data:`ledger.values.MAX_SCALE`), so quantities, prices and money keep every digit."""
+_PARQUET_QUANTUM = Decimal(1).scaleb(-PARQUET_SCALE)
+_PARQUET_LIMIT = Decimal(10) ** (PARQUET_PRECISION - PARQUET_SCALE)
+
+
+def _parquet_decimal(name: str, value: Decimal | None) -> Decimal | None:
+    """Return ``value`` at the files' one fixed scale.
+
+    Quantities, prices and money have at most 12 fraction digits and are exact; an
+    average open price (cost / quantity) may have more (1/3 never ends) and is rounded
+    half-even to 12 places — in the Parquet file only: the CSV beside it is exact.
+
+    Raises:
+        ValueError: the value has more integer digits than the column holds (26).
+    """
+    if value is None:
+        return None
+    if abs(value) >= _PARQUET_LIMIT:
+        raise ValueError(
+            f"{name}: {decimal_text(value)} has more than "
+            f"{PARQUET_PRECISION - PARQUET_SCALE} integer digits (Parquet column "
+            f"Decimal({PARQUET_PRECISION}, {PARQUET_SCALE}))"
+        )
+    return value.quantize(_PARQUET_QUANTUM, rounding=ROUND_HALF_EVEN)
+
+
+def parquet_schema(columns: Sequence[tuple[str, ColumnKind]]) -> dict[str, Any]:
+    """Return the one Parquet schema of a table: the same types in every day's file,
+    so ``pl.scan_parquet([day1, day2])`` reads a month of them together."""
+    import polars as pl
+
+    types: dict[ColumnKind, Any] = {
+        "dec": pl.Decimal(PARQUET_PRECISION, PARQUET_SCALE),
+        "int": pl.Int64,
+        "ts": pl.Datetime("us", "UTC"),
+        "date": pl.Date,
+        "str": pl.String,
+    }
+    return {name: types[kind] for name, kind in columns}
 
 
 def _write_parquet(
     path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, ColumnKind]]
 ) -> None:
-    import polars as pl  # the optional "report" extra: imported only when writing
+    import polars as pl  # a core dependency, imported only when a report is written
 
     data: dict[str, list[Any]] = {}
-    schema: dict[str, Any] = {}
     for name, kind in columns:
         values = [row.get(name) for row in rows]
         if kind == "dec":
-            decimals = [v for v in values if v is not None]
-            scale = max((_scale(v) for v in decimals), default=0)
-            digits = max((v.adjusted() + 1 for v in decimals), default=1)
-            if max(digits, 1) + scale <= 38:
-                data[name] = values
-                schema[name] = pl.Decimal(38, scale)
-            else:  # too wide for a 128-bit decimal: keep it exact as text
-                data[name] = [_cell(v) or None for v in values]
-                schema[name] = pl.String
-        elif kind == "int":
-            data[name], schema[name] = values, pl.Int64
-        elif kind == "ts":
-            data[name], schema[name] = values, pl.Datetime("us", "UTC")
-        elif kind == "date":
-            data[name], schema[name] = values, pl.Date
+            data[name] = [_parquet_decimal(name, v) for v in values]
+        elif kind == "str":
+            data[name] = [None if v is None else str(v) for v in values]
         else:
-            data[name], schema[name] = values, pl.String
-    pl.DataFrame(data, schema=schema).write_parquet(path)
+            data[name] = values
+    pl.DataFrame(data, schema=parquet_schema(columns)).write_parquet(path)
 
 
 def write_report(report: DayReport, out_dir: Path) -> list[Path]:
@@ -364,6 +478,7 @@ def write_report(report: DayReport, out_dir: Path) -> list[Path]:
 
     Raises:
         OSError: ``out_dir`` cannot be created or written.
+        ValueError: a number is too wide for its Parquet column (the message names it).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"eod-{report.day.isoformat()}"
@@ -373,12 +488,13 @@ def write_report(report: DayReport, out_dir: Path) -> list[Path]:
     tables: list[tuple[str, list[dict[str, Any]], tuple[tuple[str, ColumnKind], ...]]] = [
         ("positions", report.positions, POSITION_COLUMNS),
         ("pnl", report.pnl, PNL_COLUMNS),
+        ("runs", report.runs, RUN_COLUMNS),
         ("breaks", report.breaks, BREAK_COLUMNS),
         ("pnl-curve", report.curve, CURVE_COLUMNS),
     ]
     for name, rows, columns in tables:
         csv_path = out_dir / f"{stem}-{name}.csv"
-        _write_csv(csv_path, rows, [c for c, _ in columns])
+        _write_csv(csv_path, rows, [c for c, _ in columns], report.instruments)
         parquet_path = out_dir / f"{stem}-{name}.parquet"
         _write_parquet(parquet_path, rows, columns)
         written += [csv_path, parquet_path]
@@ -396,6 +512,7 @@ body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, 
 header { padding: 24px 32px 12px; border-bottom: 1px solid var(--line); }
 h1 { font-size: 22px; margin: 0 0 4px; }
 h2 { font-size: 16px; margin: 28px 0 10px; }
+h3 { font-size: 14px; margin: 18px 0 8px; }
 main { padding: 0 32px 32px; max-width: 1240px; }
 .meta { color: var(--muted); font-size: 13px; }
 .cards { display: flex; gap: 14px; flex-wrap: wrap; margin-top: 18px; }
@@ -443,7 +560,9 @@ def _table(
     *,
     money: frozenset[str] = frozenset(),
     empty: str,
+    instruments: Instruments | None = None,
 ) -> str:
+    known = instruments or {}
     if not rows:
         return f'<p class="empty" id="{table_id}-empty">{html.escape(empty)}</p>'
     head = "".join(
@@ -459,11 +578,12 @@ def _table(
             value = row.get(c)
             if kind in ("dec", "int"):
                 extra = _money_class(value) if c in money else ""
-                cells.append(f'<td class="num{extra}">{_esc(value)}</td>')
+                text = html.escape(shown_text(c, row, known))
+                cells.append(f'<td class="num{extra}">{text}</td>')
             elif kind == "ts":
                 shown = "" if value is None else f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z"
                 cells.append(f'<td class="ts">{html.escape(shown)}</td>')
-            elif c == "type" and table_id == "breaks":
+            elif c == "type" and table_id.startswith("breaks"):
                 cells.append(f'<td class="break-type">{_esc(value)}</td>')
             else:
                 cells.append(f"<td>{_esc(value)}</td>")
@@ -596,6 +716,49 @@ def render_chart(report: DayReport, *, width: int = 1100, height: int = 340) -> 
     return "".join(parts) + f'<div class="legend">{legend}</div>'
 
 
+def _source_label(source: str) -> str:
+    """Say what a run compared against: a statement file (name and hash) or the log."""
+    if source.startswith("file:"):
+        name, _, digest = source[len("file:") :].rpartition(":")
+        return f"statement file {name} (sha256 {digest}…)"
+    if source == "broker_position":
+        return "the broker_position reports in the log"
+    return source
+
+
+def render_runs(report: DayReport) -> str:
+    """Return every reconciliation run of the day (time, source, breaks), oldest first.
+
+    Each run shows its own breaks, so a run with breaks followed by a clean one shows
+    both; a break lists its first :data:`ledger.display.EXEC_IDS_SHOWN` execution ids and
+    how many more.
+    """
+    if not report.runs:
+        return '<p class="empty" id="runs-empty">No reconciliation run this day.</p>'
+    summary = [{**r, "source": _source_label(r["source"])} for r in report.runs]
+    parts = [_table("runs", summary, RUN_COLUMNS, empty="")]
+    break_columns = tuple(c for c in BREAK_COLUMNS if c[0] != "run_id")
+    for i, run in enumerate(report.runs, 1):
+        rows = [
+            {**b, "exec_ids": exec_ids_shown(b["exec_ids"])}
+            for b in report.breaks
+            if b["run_id"] == run["run_id"]
+        ]
+        cutoff = run["cutoff"].astimezone(UTC)
+        ran = run["recorded_at"].astimezone(UTC)
+        parts.append(
+            f'<h3 class="run" id="run-{i}">Run {i} of {len(report.runs)}: '
+            f"{html.escape(run['run_id'])}, cutoff {cutoff:%Y-%m-%d %H:%M:%S}Z, recorded "
+            f"{ran:%Y-%m-%d %H:%M:%S}Z, against {html.escape(_source_label(run['source']))}: "
+            f"{run['matched']} matched, {run['breaks']} break(s)</h3>"
+        )
+        parts.append(_table(f"breaks-{i}", rows, break_columns, empty="No breaks."))
+    return "\n".join(parts)
+
+
+_MONEY_CARDS = frozenset({"Realized P&L (gross)", "Fees", "Net realized P&L"})
+
+
 def render_html(report: DayReport) -> str:
     """Return the report as one self-contained HTML page."""
     total = sum((r["realized_pnl"] for r in report.pnl), _ZERO)
@@ -606,9 +769,11 @@ def render_html(report: DayReport) -> str:
         if report.as_known_at
         else "everything known now"
     )
+    latest = report.runs[-1] if report.runs else None
     run = (
-        f"run {html.escape(report.run_id)} at {_esc(report.run_cutoff)}"
-        if report.run_id
+        f"{len(report.runs)} run(s); the latest, {html.escape(latest['run_id'])} at cutoff "
+        f"{_esc(latest['cutoff'])}, found {latest['breaks']} break(s)"
+        if latest is not None
         else "no reconciliation run this day"
     )
     cards = [
@@ -616,11 +781,22 @@ def render_html(report: DayReport) -> str:
         ("Fees", fees, False),
         ("Net realized P&L", total - fees, True),
         ("Open positions", open_positions, False),
-        ("Breaks", len(report.breaks), False),
+        ("Breaks (latest run)", "none run" if latest is None else latest["breaks"], False),
     ]
+    currencies = sorted({r["currency"] for r in report.pnl})
+
+    def card_text(label: str, value: object) -> str:
+        if label in _MONEY_CARDS and isinstance(value, Decimal):
+            if len(currencies) == 1:  # money in its currency's minor units, named
+                return f"{fixed(value, minor_units(currencies[0]))} {currencies[0]}"
+            if currencies:  # never a sum across currencies: see the tables
+                return "by currency below"
+        return _cell(value)
+
     card_html = "".join(
         f'<div class="card"><div class="label">{html.escape(label)}</div>'
-        f'<div class="value{_money_class(value) if money else ""}">{_esc(value)}</div></div>'
+        f'<div class="value{_money_class(value) if money else ""}">'
+        f"{html.escape(card_text(label, value))}</div></div>"
         for label, value, money in cards
     )
     money_cols = frozenset(
@@ -630,7 +806,6 @@ def render_html(report: DayReport) -> str:
     account_columns: tuple[tuple[str, ColumnKind], ...] = tuple(
         c for c in PNL_COLUMNS if c[0] != "contract"
     )
-    break_columns = tuple(c for c in BREAK_COLUMNS if c[0] != "run_id")
     title = f"End-of-day report {report.day.isoformat()}"
     warnings = report.warnings()
     banner = (
@@ -662,7 +837,16 @@ P&amp;L is gross FIFO realized, fees separate. Reconciliation: {run}.</div>
 </section>
 <section>
 <h2>Positions at the end of the day</h2>
-{_table("positions", report.positions, POSITION_COLUMNS, money=money_cols, empty="No positions.")}
+{
+        _table(
+            "positions",
+            report.positions,
+            POSITION_COLUMNS,
+            money=money_cols,
+            empty="No positions.",
+            instruments=report.instruments,
+        )
+    }
 </section>
 <section>
 <h2>Realized P&amp;L by account</h2>
@@ -673,23 +857,26 @@ P&amp;L is gross FIFO realized, fees separate. Reconciliation: {run}.</div>
             account_columns,
             money=money_cols,
             empty="No realized P&L this day.",
+            instruments=report.instruments,
         )
     }
 </section>
 <section>
 <h2>Realized P&amp;L by account and contract</h2>
-{_table("pnl", report.pnl, pnl_columns, money=money_cols, empty="No realized P&L this day.")}
-</section>
-<section>
-<h2>Reconciliation breaks</h2>
 {
         _table(
-            "breaks",
-            report.breaks,
-            break_columns,
-            empty="No breaks" if report.run_id else "No reconciliation run this day.",
+            "pnl",
+            report.pnl,
+            pnl_columns,
+            money=money_cols,
+            empty="No realized P&L this day.",
+            instruments=report.instruments,
         )
     }
+</section>
+<section>
+<h2>Reconciliation runs and their breaks</h2>
+{render_runs(report)}
 </section>
 </main>
 </body>

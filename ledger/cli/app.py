@@ -21,14 +21,13 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from ledger.api import IngestCounts, Ledger, row_of
+from ledger.api import IngestCounts, Instrument, Ledger, row_of
 from ledger.cli.common import (
     AsKnownAt,
     AsOf,
     FormatOption,
     InputKind,
     OutputFormat,
-    TableOrJson,
     app,
     connect,
     database_url,
@@ -42,6 +41,7 @@ from ledger.cli.common import (
     progress_bar,
     run,
     warn_faulted,
+    write_csv,
 )
 from ledger.cli.demo import DayPlan, generate_day, try_next
 from ledger.db import current_revision, head_revision, make_engine, migrate, migrate_embedded
@@ -161,9 +161,7 @@ def ingest(
     input_format: Annotated[
         InputKind, typer.Option("--input", "-i", help="Input format; auto detects it per record.")
     ] = InputKind.auto,
-    fmt: Annotated[
-        TableOrJson, typer.Option("--format", "-f", help="Output format.")
-    ] = TableOrJson.table,
+    fmt: FormatOption = OutputFormat.table,
     batch_size: Annotated[int, typer.Option(help="Events per transaction.")] = 1000,
     strict: Annotated[
         bool,
@@ -200,6 +198,8 @@ def ingest(
     totals = run(_ingest())
     if fmt == "json":
         print(orjson.dumps(totals.as_dict()).decode())
+    elif fmt == "csv":
+        write_csv([totals.as_dict()])
     else:
         already = (
             f" ({totals.already_rejected} already dead-lettered)" if totals.already_rejected else ""
@@ -240,9 +240,7 @@ def log_command(
         int, typer.Option(help="Start after this global position (in read order).")
     ] = 0,
     limit: Annotated[int, typer.Option(help="At most this many events.")] = 100,
-    fmt: Annotated[
-        TableOrJson, typer.Option("--format", "-f", help="Output format.")
-    ] = TableOrJson.table,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Print events in read order."""
 
@@ -274,9 +272,7 @@ def rejected(
     retry: Annotated[
         bool, typer.Option("--retry", help="Re-ingest pending records whose cause may be gone.")
     ] = False,
-    fmt: Annotated[
-        TableOrJson, typer.Option("--format", "-f", help="Output format.")
-    ] = TableOrJson.table,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """List dead-lettered records with their reasons (or retry them)."""
 
@@ -340,7 +336,7 @@ def positions(
 
     faults: list[StreamFault] = []
 
-    async def _positions() -> list[dict[str, Any]]:
+    async def _positions() -> tuple[list[dict[str, Any]], dict[str, Instrument]]:
         async with await connect() as ledger:
             rows = await ledger.positions(
                 account=account,
@@ -351,9 +347,11 @@ def positions(
                 include_flat=include_flat,
                 faults=faults,
             )
-        return [row_of(r) for r in rows]
+            shown = await ledger.instruments(r.contract for r in rows) if fmt == "table" else {}
+        return [row_of(r) for r in rows], shown
 
-    emit_rows(run(_positions()), fmt, title="Positions")
+    rows, instruments = run(_positions())
+    emit_rows(rows, fmt, title="Positions", instruments=instruments)
     warn_faulted(faults)
 
 
@@ -388,7 +386,7 @@ def pnl(
             )
         return [line.as_row(by.value) for line in lines]
 
-    emit_rows(run(_pnl()), fmt, title="Realized P&L")
+    emit_rows(run(_pnl()), fmt, title="Realized P&L", instruments={})  # rows name currency
     warn_faulted(faults)
 
 
@@ -406,14 +404,16 @@ def history(
     at, known = parse_times(as_of, as_known_at)
     start, end = parse_time(time_from, "--from"), parse_time(time_to, "--to")
 
-    async def _history() -> list[dict[str, Any]]:
+    async def _history() -> tuple[list[dict[str, Any]], dict[str, Instrument]]:
         async with await connect() as ledger:
             rows = await ledger.history(
                 account, contract, time_from=start, time_to=end, as_of=at, as_known_at=known
             )
-        return [row_of(r) for r in rows]
+            shown = await ledger.instruments([contract]) if fmt == "table" else {}
+        return [row_of(r) for r in rows], shown
 
-    emit_rows(run(_history()), fmt, title="Position history")
+    rows, instruments = run(_history())
+    emit_rows(rows, fmt, title="Position history", instruments=instruments, contract=contract)
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -17,13 +18,12 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from ledger.api import Verification, row_of
+from ledger.api import Instrument, Lot, Verification, row_of
 from ledger.cli.common import (
     AsKnownAt,
     AsOf,
     FormatOption,
     OutputFormat,
-    TableOrJson,
     app,
     connect,
     dumps,
@@ -33,9 +33,12 @@ from ledger.cli.common import (
     parse_day,
     parse_time,
     parse_times,
+    progress_bar,
+    progress_bars,
     run,
     standby,
 )
+from ledger.display import exec_ids_shown
 from ledger.events import LogSealed, ReconciliationCompleted
 from ledger.integrity import problems_as_rows, seal_from_record, seal_record
 from ledger.values import to_decimal
@@ -112,8 +115,9 @@ def _print_run(
             "exec_ids",
             "detail",
         ]
-        emit_rows([{c: r[c] for c in columns} for r in rows], fmt)
+        emit_rows([{c: r[c] for c in columns} for r in rows], fmt, columns=columns)
         return
+    rows = [{**r, "exec_ids": exec_ids_shown(r["exec_ids"])} for r in rows]  # all: json/csv
     out.print(
         f"reconciliation {event.run_id} at {event.cutoff.isoformat()} against {event.source}: "
         f"{event.matched} matched, {len(event.breaks)} break(s)",
@@ -232,15 +236,22 @@ def trail_command(
     """Show every event that made a position, in fold order, with busts and restatements."""
     at, known = parse_times(as_of, as_known_at)
 
-    async def _trail() -> list[dict[str, Any]]:
+    async def _trail() -> tuple[list[dict[str, Any]], dict[str, Instrument]]:
         async with await connect() as ledger:
             entries = await ledger.trail(account, contract, as_of=at, as_known_at=known)
-        return [row_of(e) for e in entries]
+            shown = await ledger.instruments([contract]) if fmt == "table" else {}
+        return [row_of(e) for e in entries], shown
 
-    rows = run(_trail())
+    rows, instruments = run(_trail())
     if fmt == OutputFormat.table:
         rows = [{c: r[c] for c in _TRAIL_TABLE_COLUMNS} for r in rows]
-    emit_rows(rows, fmt, title=f"Trail of {account}/{contract}")
+    emit_rows(
+        rows,
+        fmt,
+        title=f"Trail of {account}/{contract}",
+        instruments=instruments,
+        contract=contract,
+    )
 
 
 @app.command("explain")
@@ -254,9 +265,13 @@ def explain_command(
     """Show a position at T and the FIFO lots that make it up, each traced to its fill."""
     at, known = parse_times(as_of, as_known_at)
 
+    instruments: dict[str, Instrument] = {}
+
     async def _explain() -> dict[str, Any]:
         async with await connect() as ledger:
             found = await ledger.explain(account, contract, as_of=at, as_known_at=known)
+            if fmt == OutputFormat.table:
+                instruments.update(await ledger.instruments([contract]))
         data = row_of(found)
         data["lots"] = [row_of(lot) for lot in found.lots]
         if found.as_known_at is None or found.clock == "as_known_at":
@@ -269,11 +284,11 @@ def explain_command(
         extra = {} if standby.lag is None else {"standby": standby.lag}
         print(dumps({**result, "lots": lots, **extra}))
         return
-    if fmt == OutputFormat.csv:
-        emit_rows(lots, fmt)
+    if fmt == OutputFormat.csv:  # the FIFO lots; the position itself is in --format json
+        emit_rows(lots, fmt, columns=[f.name for f in fields(Lot)])
         return
-    emit_rows([result], fmt, title=f"Position {account}/{contract}")
-    emit_rows(lots, fmt, title="Open FIFO lots")
+    emit_rows([result], fmt, title=f"Position {account}/{contract}", instruments=instruments)
+    emit_rows(lots, fmt, title="Open FIFO lots", instruments=instruments, contract=contract)
 
 
 # -------------------------------------------------------------------- verify
@@ -288,7 +303,10 @@ def _seal_row(seal: LogSealed) -> dict[str, Any]:
     }
 
 
-def _print_verify(report: Verification, *, seal: bool, fmt: TableOrJson) -> bool:
+_PROBLEM_COLUMNS = ["kind", "stream", "global_position", "stream_version", "message"]
+
+
+def _print_verify(report: Verification, *, seal: bool, fmt: OutputFormat) -> bool:
     """Print what ``verify`` found; return whether the log verifies."""
     sealed, caught_up_error = report.sealed, report.catch_up_error
     problems = problems_as_rows(report.problems)
@@ -303,7 +321,10 @@ def _print_verify(report: Verification, *, seal: bool, fmt: TableOrJson) -> bool
             }
         )
     ok = not problems
-    if fmt == TableOrJson.json:
+    if fmt == OutputFormat.csv:  # the problems found, one row each (none: the header)
+        emit_rows(problems, fmt, columns=_PROBLEM_COLUMNS)
+        return ok
+    if fmt == OutputFormat.json:
         print(
             dumps(
                 {
@@ -365,9 +386,7 @@ def verify_command(
             help="Also compare the projections with a fresh replay (caught up first).",
         ),
     ] = True,
-    fmt: Annotated[
-        TableOrJson, typer.Option("--format", "-f", help="Output format.")
-    ] = TableOrJson.table,
+    fmt: FormatOption = OutputFormat.table,
     export: Annotated[
         Path | None,
         typer.Option(
@@ -399,7 +418,20 @@ def verify_command(
 
     async def _verify() -> tuple[Verification, LogSealed | None]:
         async with await connect() as ledger:
-            report = await ledger.verify(projections=projections, seal=seal, against=outside)
+            total = await ledger.count_events()
+            tasks: list[tuple[str, float | None]] = [("hash chains", float(total))]
+            if projections:
+                tasks = [("catching up", None), *tasks, ("replaying streams", None)]
+            with progress_bars(*tasks) as advances:
+                catch_up, chains, streams = advances if projections else (None, advances[0], None)
+                report = await ledger.verify(
+                    projections=projections,
+                    seal=seal,
+                    against=outside,
+                    progress=chains,
+                    stream_progress=streams,
+                    catch_up_progress=catch_up,
+                )
             latest = await ledger.latest_seal() if export is not None and report.ok else None
         return report, latest
 
@@ -450,9 +482,10 @@ def report_command(
 
     async def _report() -> list[Path]:
         async with await connect() as ledger:
-            return await ledger.write_report(
-                trading_day, out_dir, as_known_at=known, warnings=warnings
-            )
+            with progress_bar("replaying streams") as advance:
+                return await ledger.write_report(
+                    trading_day, out_dir, as_known_at=known, warnings=warnings, progress=advance
+                )
 
     for path in run(_report()):
         out.print(str(path), highlight=False)

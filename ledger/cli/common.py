@@ -1,9 +1,12 @@
 """What every ``ledger`` command shares: the Typer app, output, engines, errors.
 
-``--format`` always names the output format. With ``LEDGER_DATABASE_URL`` unset every
-command uses the embedded cluster under ``LEDGER_HOME``, creating, starting and
-migrating it on first use; with it set, any command but ``ledger db init`` refuses an
-unmigrated database with an error that names ``ledger db init``.
+``--format`` always names the output format: ``table`` (for reading: money in its
+currency's minor units, prices to the instrument's tick precision, averages to it plus
+4 places, see :mod:`ledger.display`), ``json`` or ``csv`` (both exact, the same strings).
+With ``LEDGER_DATABASE_URL`` unset every command uses the embedded cluster under
+``LEDGER_HOME``, creating, starting and migrating it on first use; with it set, any
+command but ``ledger db init`` refuses an unmigrated database with an error that names
+``ledger db init``.
 """
 
 from __future__ import annotations
@@ -12,24 +15,26 @@ import asyncio
 import csv
 import io
 import sys
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from datetime import UTC, date, datetime
 from datetime import time as dt_time
 from decimal import Decimal
 from enum import StrEnum
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import db
-from ledger.api import Ledger
+from ledger.api import Instrument, Ledger
+from ledger.display import AVERAGE_EXTRA_PLACES, COLUMN_KINDS, Kind, show_row
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
 from ledger.settings import Settings
@@ -44,11 +49,13 @@ __all__ = [
     "TableOrJson",
     "app",
     "connect",
+    "csv_cell",
     "database_url",
     "db_app",
     "dumps",
     "emit_rows",
     "err",
+    "flatten",
     "json_default",
     "open_engine",
     "out",
@@ -56,9 +63,12 @@ __all__ = [
     "parse_time",
     "parse_times",
     "progress_bar",
+    "progress_bars",
+    "readable",
     "run",
     "standby",
     "warn_faulted",
+    "write_csv",
 ]
 
 T = TypeVar("T")
@@ -98,7 +108,14 @@ class InputKind(StrEnum):
 
 
 FormatOption = Annotated[
-    OutputFormat, typer.Option("--format", "-f", help="Output format: table, json or csv.")
+    OutputFormat,
+    typer.Option(
+        "--format",
+        "-f",
+        help="Output format: table (for reading: money in its currency's minor units, "
+        "prices to the instrument's tick precision, averages to it plus "
+        f"{AVERAGE_EXTRA_PLACES} places), json or csv (exact values, the same strings).",
+    ),
 ]
 
 
@@ -206,6 +223,23 @@ def dumps(value: object) -> str:
     return orjson.dumps(value, default=json_default, option=orjson.OPT_INDENT_2).decode()
 
 
+def csv_cell(value: object) -> str:
+    """Return a value as its CSV cell: the very string the JSON output holds.
+
+    Decimals keep every digit and every trailing zero (``str``, as JSON); times are
+    ISO-8601; booleans and nested lists or objects are written as JSON; None is empty.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict | list | tuple):
+        return orjson.dumps(value, default=json_default).decode()
+    return str(value)
+
+
 def _cell(value: object) -> str:
     if value is None:
         return ""
@@ -216,30 +250,98 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def flatten(data: Mapping[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    """Return a nested JSON object as ``key``/``value`` rows (dotted keys, list indexes).
+
+    For commands whose JSON is one object rather than rows (``stats``): its CSV is
+    these rows, one per leaf, so nothing of the JSON is left out.
+    """
+    rows: list[dict[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            rows += flatten(value, f"{name}.")
+        elif isinstance(value, list | tuple) and value:
+            for i, item in enumerate(value):
+                if isinstance(item, Mapping):
+                    rows += flatten(item, f"{name}.{i}.")
+                else:
+                    rows.append({"key": f"{name}.{i}", "value": item})
+        else:
+            rows.append({"key": name, "value": value})
+    return rows
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """Print rows as CSV with a header (``columns``, else the first row's keys).
+
+    With no rows and no columns nothing is printed: an empty CSV, as JSON prints ``[]``.
+    """
+    names = list(columns) if columns is not None else (list(rows[0]) if rows else [])
+    if not names:
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(names)
+    for row in rows:
+        writer.writerow([csv_cell(row.get(c)) for c in names])
+    sys.stdout.write(buffer.getvalue())
+
+
+def readable(
+    row: Mapping[str, Any], instruments: Mapping[str, Instrument], contract: str | None = None
+) -> dict[str, Any]:
+    """Return a row as a table shows it (see :mod:`ledger.display`): money in its
+    currency's minor units with a ``currency`` column, prices to the tick precision,
+    averages to it plus :data:`ledger.display.AVERAGE_EXTRA_PLACES` places."""
+    name = row.get("contract", contract)
+    inst = instruments.get(name) if isinstance(name, str) else None
+    currency = row.get("currency") or (inst.currency if inst is not None else None)
+    shown = show_row(row, currency=currency, tick_size=None if inst is None else inst.tick_size)
+    has_money = any(COLUMN_KINDS.get(k) is Kind.MONEY for k in row)
+    if "currency" in row or not has_money or currency is None:
+        return shown
+    after = "contract" if "contract" in row else None
+    result: dict[str, Any] = {} if after else {"currency": currency}
+    for k, v in shown.items():
+        result[k] = v
+        if k == after:
+            result["currency"] = currency
+    return result
+
+
 def emit_rows(
-    rows: Sequence[dict[str, Any]], fmt: OutputFormat | TableOrJson, *, title: str = ""
+    rows: Sequence[dict[str, Any]],
+    fmt: OutputFormat | TableOrJson,
+    *,
+    title: str = "",
+    columns: Sequence[str] | None = None,
+    instruments: Mapping[str, Instrument] | None = None,
+    contract: str | None = None,
 ) -> None:
-    """Print rows as a Rich table, a JSON list, or CSV with a header."""
+    """Print rows as a Rich table, a JSON list, or CSV with a header.
+
+    CSV holds exactly what JSON holds, cell for cell (see :func:`csv_cell`). The table
+    is for reading: with ``instruments`` (and ``contract`` for rows of one contract that
+    do not name it) numbers are shown by :func:`readable`; without, exactly.
+    """
     if fmt == "json":
         if standby.lag is not None:  # read from a standby: say how far behind it was
             print(dumps({"rows": list(rows), "standby": standby.lag}))
         else:
             print(dumps(list(rows)))
         return
-    columns = list(rows[0]) if rows else []
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([_cell(row[c]) for c in columns])
-        sys.stdout.write(buffer.getvalue())
+        write_csv(rows, columns)
         return
+    if instruments is not None:
+        rows = [readable(r, instruments, contract) for r in rows]
+    names = list(rows[0]) if rows else []
     table = Table(title=title or None, show_lines=False)
-    for c in columns:
+    for c in names:
         table.add_column(c, overflow="fold")
     for row in rows:
-        table.add_row(*(_cell(row[c]) for c in columns))
+        table.add_row(*(_cell(row[c]) for c in names))
     if rows:
         out.print(table)
     else:
@@ -247,10 +349,14 @@ def emit_rows(
 
 
 @contextmanager
-def progress_bar(description: str, total: float | None = None) -> Iterator[Callable[[int], None]]:
-    """Yield an ``advance(n)`` callback driving a progress bar on a terminal (else silent)."""
+def progress_bars(
+    *tasks: tuple[str, float | None],
+) -> Iterator[list[Callable[[int], None]]]:
+    """Yield one ``advance(n)`` callback per (description, total) task, driving progress
+    bars on stderr when it is a terminal; elsewhere (pipes, files, scripts) they do
+    nothing, so scripted output stays clean."""
     if not err.is_terminal:
-        yield lambda _n: None
+        yield [lambda _n: None for _ in tasks]
         return
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -260,15 +366,30 @@ def progress_bar(description: str, total: float | None = None) -> Iterator[Calla
         console=err,
         transient=True,
     ) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        ids = [bar.add_task(description, total=total) for description, total in tasks]
+        yield [partial(_advance, bar, task) for task in ids]
+
+
+def _advance(bar: Progress, task: TaskID, n: int) -> None:
+    bar.advance(task, n)
+
+
+@contextmanager
+def progress_bar(description: str, total: float | None = None) -> Iterator[Callable[[int], None]]:
+    """Yield an ``advance(n)`` callback driving a progress bar on a terminal (else silent)."""
+    with progress_bars((description, total)) as (advance,):
+        yield advance
 
 
 # --------------------------------------------------------------------------- db
 
 
 def parse_time(value: str | None, option: str) -> datetime | None:
-    """Parse a CLI time: ISO-8601 (UTC when no zone is given) or a date (its end, UTC)."""
+    """Parse a CLI time: ISO-8601 with a zone (``Z`` or an offset) or a date (its end, UTC).
+
+    A time without a zone is refused, as ingest refuses a naive ``occurred_at``: guessing
+    UTC would silently shift a query by the user's offset.
+    """
     if value is None:
         return None
     try:
@@ -277,9 +398,21 @@ def parse_time(value: str | None, option: str) -> datetime | None:
             return datetime.combine(day, dt_time.max, tzinfo=UTC)
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        err.print(f"[bold red]error:[/] {option}: not an ISO-8601 time or date: {value!r}")
+        err.print(
+            f"[bold red]error:[/] {option}: not an ISO-8601 time or date: {value!r}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(2) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        err.print(
+            f"[bold red]error:[/] {option}: {value!r} has no time zone (naive times are "
+            f"refused, as ingest refuses them): write {value}Z for UTC, or an offset",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    return parsed
 
 
 def parse_day(value: str | None, option: str) -> date | None:

@@ -20,15 +20,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.api import Stats
 from ledger.cli.common import (
-    TableOrJson,
+    FormatOption,
+    OutputFormat,
     app,
     connect,
     dumps,
     emit_rows,
     err,
+    flatten,
     open_engine,
     out,
     run,
+    write_csv,
 )
 from ledger.consume import (
     DEFAULT_DURABLE,
@@ -317,9 +320,7 @@ def _stats_data(stats: Stats) -> dict[str, Any]:
 
 @app.command()
 def stats(
-    fmt: Annotated[
-        TableOrJson, typer.Option("--format", "-f", help="Output format.")
-    ] = TableOrJson.table,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Show ingest counters, projection lag (events and seconds) and the last feed error."""
 
@@ -330,6 +331,9 @@ def stats(
     data = _stats_data(run(_stats()))
     if fmt == "json":
         print(dumps(data))
+        return
+    if fmt == "csv":  # one key/value row per leaf of the JSON object
+        write_csv(flatten(data))
         return
     rows: list[dict[str, Any]] = [{"metric": k, "value": data[k]} for k in _INGEST]
     rows += [

@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 from decimal import Decimal
+from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -128,31 +129,31 @@ def test_eod_report_files_hold_the_days_numbers(
     result = invoke("report", "--date", DAY, "--out", str(out))
     assert result.exit_code == 0, (result.output, result.exception)
     stem = f"eod-{DAY}"
-    for name in ("positions", "pnl", "breaks", "pnl-curve"):
+    for name in ("positions", "pnl", "runs", "breaks", "pnl-curve"):
         assert (out / f"{stem}-{name}.csv").is_file()
         assert (out / f"{stem}-{name}.parquet").is_file()
 
     pnl = {(r["account"], r["contract"]): r for r in read_csv(out / f"{stem}-pnl.csv")}
     # ES ACC-1: E-2 closes E-0 (+14.25 x 50) and one E-1 (+4.25 x 50); E-3 closes E-1 (-2 x 50)
-    assert pnl[("ACC-1", ES)]["realized_pnl"] == "825"
-    assert pnl[("ACC-1", ES)]["fees"] == "6.3"
-    assert pnl[("ACC-1", ES)]["net_realized_pnl"] == "818.7"
-    assert pnl[("ACC-1", NQ)]["realized_pnl"] == "190"  # (18000 - 17990.50) x 20
-    assert pnl[("ACC-2", ES)]["realized_pnl"] == "325"  # (5002 - 4995.50) x 50
+    assert pnl[("ACC-1", ES)]["realized_pnl"] == "825.00"
+    assert pnl[("ACC-1", ES)]["fees"] == "6.30"
+    assert pnl[("ACC-1", ES)]["net_realized_pnl"] == "818.70"
+    assert pnl[("ACC-1", NQ)]["realized_pnl"] == "190.00"  # (18000 - 17990.50) x 20
+    assert pnl[("ACC-2", ES)]["realized_pnl"] == "325.00"  # (5002 - 4995.50) x 50
     positions = {(r["account"], r["contract"]): r for r in read_csv(out / f"{stem}-positions.csv")}
     assert positions[("ACC-1", ES)]["signed_qty"] == "0"
     assert (positions[("ACC-1", NQ)]["signed_qty"], positions[("ACC-1", NQ)]["unrealized_pnl"]) == (
         "-2",
-        "800",
+        "800.00",
     )
-    assert positions[("ACC-2", ES)]["avg_open_price"] == "4996"
+    assert positions[("ACC-2", ES)]["avg_open_price"] == "4996.00"
     breaks = read_csv(out / f"{stem}-breaks.csv")
     assert [(b["type"], b["account"], b["exec_ids"]) for b in breaks] == [
         ("POSITION_QTY_BREAK", "ACC-2", "F-1 F-2 F-3")
     ]
     curve = read_csv(out / f"{stem}-pnl-curve.csv")
     assert [c["exec_id"] for c in curve] == ["E-2", "E-3", "N-2", "F-2"]
-    assert curve[-1]["cum_realized_pnl_total"] == "1340"
+    assert curve[-1]["cum_realized_pnl_total"] == "1340.00"
 
     parquet = pl.read_parquet(out / f"{stem}-pnl.parquet")
     assert isinstance(parquet.schema["realized_pnl"], pl.Decimal)
@@ -177,7 +178,7 @@ def test_eod_report_files_hold_the_days_numbers(
     after = {
         (r["account"], r["contract"]): r for r in read_csv(tmp_path / "after" / f"{stem}-pnl.csv")
     }
-    assert after[("ACC-2", ES)]["realized_pnl"] == "300"  # F-3 now closes F-1 at 4996
+    assert after[("ACC-2", ES)]["realized_pnl"] == "300.00"  # F-3 now closes F-1 at 4996
     known = invoke(
         "report", "--date", DAY, "--out", str(tmp_path / "then"), "--as-known-at", known_at
     )
@@ -205,9 +206,9 @@ def test_eod_report_renders_in_headless_chromium(
     dom = chromium(page, tmp_path, "--dump-dom")
     assert dom.returncode == 0, dom.stderr
     html = dom.stdout
-    for table in ("positions", "pnl-accounts", "pnl", "breaks"):
+    for table in ("positions", "pnl-accounts", "pnl", "runs", "breaks-1"):
         assert f'<table id="{table}">' in html, table
-    assert html.count("<tr>") == 1 + 3 + 1 + 2 + 1 + 3 + 1 + 1  # heads + rows per table
+    assert html.count("<tr>") == 1 + 3 + 1 + 2 + 1 + 3 + 1 + 1 + 1 + 1  # heads + rows
     assert 'id="pnl-chart"' in html
     assert len(re.findall(r'<path class="series"', html)) == 3  # ACC-1, ACC-2 and total
     assert len(re.findall(r"<circle ", html)) == 4  # one per realizing fill
@@ -223,3 +224,174 @@ def test_eod_report_renders_in_headless_chromium(
     keep = os.environ.get("LEDGER_TEST_SCREENSHOT")  # to look at it after the run
     if keep:
         shutil.copy(shot, keep)
+
+
+NEXT_DAY = "2026-11-24"
+NEXT_DAY_EVENTS: list[dict[str, Any]] = [
+    # three lots at two prices: an average open price that never ends (5000.1666...)
+    fill("ACC-3", "G-1", "BUY", "1", "5000.00", "09:00:00", day=NEXT_DAY),
+    fill("ACC-3", "G-2", "BUY", "2", "5000.25", "09:05:00", day=NEXT_DAY),
+    {**fill("ACC-3", "H-1", "SELL", "1", "18000.00", "10:00:00", NQ, NEXT_DAY), "fee": "0.125"},
+    fill("ACC-3", "H-2", "BUY", "1", "17999.75", "11:00:00", NQ, NEXT_DAY),
+    {"type": "mark", "contract": ES, "price": "5001.25", "occurred_at": at("20:59:00", NEXT_DAY)},
+]
+
+
+def test_parquet_files_of_two_days_read_together_with_one_schema(
+    cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    seed(db_url, DAY_EVENTS + NEXT_DAY_EVENTS)
+    invoke("reconcile", "--cutoff", at("21:00:00"))
+    out = tmp_path / "eod"
+    for day in (DAY, NEXT_DAY):
+        result = invoke("report", "--date", day, "--out", str(out))
+        assert result.exit_code == 0, (result.output, result.exception)
+    money = pl.Decimal(38, 12)
+    expected: dict[str, dict[str, Any]] = {
+        "positions": {
+            "account": pl.String,
+            "contract": pl.String,
+            "currency": pl.String,
+            "signed_qty": money,
+            "side": pl.String,
+            "avg_open_price": money,
+            "mark_price": money,
+            "unrealized_pnl": money,
+            "realized_pnl_day": money,
+            "fees_day": money,
+            "opened_at": pl.Datetime("us", "UTC"),
+            "last_fill_at": pl.Datetime("us", "UTC"),
+        },
+        "pnl": {
+            "account": pl.String,
+            "contract": pl.String,
+            "currency": pl.String,
+            "realized_pnl": money,
+            "fees": money,
+            "net_realized_pnl": money,
+            "fills": pl.Int64,
+        },
+        "breaks": {
+            "run_id": pl.String,
+            "break_id": pl.String,
+            "type": pl.String,
+            "account": pl.String,
+            "contract": pl.String,
+            "ledger_value": pl.String,
+            "broker_value": pl.String,
+            "difference": pl.String,
+            "tolerance": pl.String,
+            "exec_ids": pl.String,
+            "detail": pl.String,
+        },
+        "runs": {
+            "run_id": pl.String,
+            "cutoff": pl.Datetime("us", "UTC"),
+            "recorded_at": pl.Datetime("us", "UTC"),
+            "source": pl.String,
+            "matched": pl.Int64,
+            "breaks": pl.Int64,
+        },
+        "pnl-curve": {
+            "occurred_at": pl.Datetime("us", "UTC"),
+            "account": pl.String,
+            "contract": pl.String,
+            "exec_id": pl.String,
+            "realized_pnl": money,
+            "cum_realized_pnl_account": money,
+            "cum_realized_pnl_total": money,
+        },
+    }
+    for table, schema in expected.items():
+        files = [out / f"eod-{day}-{table}.parquet" for day in (DAY, NEXT_DAY)]
+        for path in files:
+            assert dict(pl.read_parquet_schema(path)) == schema, path
+        both = pl.scan_parquet(files).collect()
+        assert dict(both.schema) == schema, table
+    pnl = pl.scan_parquet([out / f"eod-{d}-pnl.parquet" for d in (DAY, NEXT_DAY)]).collect()
+    assert sorted(pnl["fees"].to_list()) == [
+        Decimal(v) for v in ("2.225", "4.2", "4.2", "6.3", "6.3")
+    ]
+    assert pnl["realized_pnl"].sum() == Decimal("1340") + Decimal("5")  # 0.25 x 20 on day 2
+    # the average that never ends: rounded half-even to 12 places in Parquet only
+    positions = pl.read_parquet(out / f"eod-{NEXT_DAY}-positions.parquet")
+    acc3 = positions.filter((pl.col("account") == "ACC-3") & (pl.col("contract") == ES))
+    assert acc3["avg_open_price"].to_list() == [Decimal("5000.166666666667")]
+    csv_rows = read_csv(out / f"eod-{NEXT_DAY}-positions.csv")
+    [exact] = [
+        r["avg_open_price"] for r in csv_rows if (r["account"], r["contract"]) == ("ACC-3", ES)
+    ]
+    assert exact.startswith("5000.1666666666666666")
+
+
+def rendered_text(page: Path, tmp_path: Path) -> str:
+    """Return the page's text as headless Chromium lays it out (tags dropped, blanks folded)."""
+    dom = chromium(page, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr
+    body = re.sub(r"<(style|svg)\b.*?</\1>", " ", dom.stdout, flags=re.S)
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", body)).split())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_every_run_of_the_day_is_shown_with_its_source_and_its_breaks(
+    cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    seed(db_url, DAY_EVENTS)
+    off = tmp_path / "statement-morning.csv"
+    off.write_text(
+        f"account,contract,signed_qty,avg_price\nACC-1,{NQ},-3,18000\nACC-2,{ES},1,4996\n"
+    )
+    clean = tmp_path / "statement-evening.csv"
+    clean.write_text(
+        f"account,contract,signed_qty,avg_price\nACC-1,{NQ},-2,18000\nACC-2,{ES},2,4996\n"
+    )
+    first = invoke("reconcile", "--cutoff", at("20:30:00"), "--broker-file", str(off))
+    assert first.exit_code == 3, first.output
+    second = invoke("reconcile", "--cutoff", at("21:00:00"), "--broker-file", str(clean))
+    assert second.exit_code == 0, second.output
+    out = tmp_path / "eod"
+    assert invoke("report", "--date", DAY, "--out", str(out)).exit_code == 0
+    runs = read_csv(out / f"eod-{DAY}-runs.csv")
+    assert [(r["cutoff"], r["breaks"]) for r in runs] == [
+        (at("20:30:00").replace("Z", "+00:00"), "2"),
+        (at("21:00:00").replace("Z", "+00:00"), "0"),
+    ]
+    assert runs[0]["source"].startswith("file:statement-morning.csv:")
+    assert runs[1]["source"].startswith("file:statement-evening.csv:")
+    breaks = read_csv(out / f"eod-{DAY}-breaks.csv")
+    assert {b["run_id"] for b in breaks} == {runs[0]["run_id"]} and len(breaks) == 2
+
+    text = rendered_text(out / f"eod-{DAY}.html", tmp_path)
+    morning = text.index("Run 1 of 2")
+    evening = text.index("Run 2 of 2")
+    assert morning < evening
+    first_run, second_run = text[morning:evening], text[evening:]
+    assert "cutoff 2026-11-23 20:30:00Z" in first_run
+    assert "statement file statement-morning.csv" in first_run
+    assert "2 break(s)" in first_run and first_run.count("POSITION_QTY_BREAK") == 2
+    assert "cutoff 2026-11-23 21:00:00Z" in second_run
+    assert "statement file statement-evening.csv" in second_run
+    assert "0 break(s)" in second_run and "No breaks." in second_run
+    assert "POSITION_QTY_BREAK" not in second_run
+    assert "2 run(s)" in text
+
+
+def test_a_break_with_many_executions_lists_a_few_and_counts_the_rest(
+    cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    fills = [
+        fill("ACC-9", f"X-{i:02d}", "BUY", "1", "5000.00", f"09:{i:02d}:00") for i in range(20)
+    ]
+    seed(db_url, DAY_EVENTS[:1] + fills)
+    statement = tmp_path / "broker.csv"
+    statement.write_text(f"account,contract,signed_qty,avg_price\nACC-9,{ES},19,5000\n")
+    invoke("reconcile", "--cutoff", at("21:00:00"), "--broker-file", str(statement))
+    out = tmp_path / "eod"
+    assert invoke("report", "--date", DAY, "--out", str(out)).exit_code == 0
+    [brk] = read_csv(out / f"eod-{DAY}-breaks.csv")
+    ids = brk["exec_ids"].split()
+    assert len(ids) > 6  # the file holds every id
+    page = (out / f"eod-{DAY}.html").read_text()
+    shown = " ".join(ids[:6]) + f" and {len(ids) - 6} more"
+    assert f"<td>{shown}</td>" in page
+    assert ids[6] not in page.split('id="breaks-1"', 1)[1]
