@@ -61,6 +61,8 @@ from projections import store as sql
 from projections.faults import UNFOLDABLE, culprit_in_rows
 from projections.history import HistoryRow, compact
 from projections.pagefold import (
+    E_OCCURRED_AT,
+    E_POSITION,
     MARK_EVERY,
     FoldScope,
     Marks,
@@ -1221,7 +1223,7 @@ class ProjectionRunner:
             self._day,
             floor,
             marks,
-            (folded[0][2], folded[0][1]) if folded else None,
+            (folded[0][E_OCCURRED_AT], folded[0][E_POSITION]) if folded else None,
         )
 
     def _restated(
