@@ -24,18 +24,15 @@ PACKAGES = ("ledger", "projections")
 ABOVE_READ_SIDE = ("ledger.cli", "ledger.api")
 
 # The owners of SQL text. ledger.store: the write side's tables (events, streams,
-# counters, rejected) and the log reads of the core and of the read-side services;
-# ledger.integrity: the reads that recompute hash chains and seals; ledger.db: the
-# schema revision; ledger.embedded: the embedded cluster's role and database;
-# projections.store: the projection tables, checkpoints and the runner's reads;
-# projections.queries: the time-travel reads that answer positions, P&L and history.
+# counters, rejected) and every read of the log (the core's, the integrity checks', the
+# read-side services' and the time-travel queries'); ledger.db: the schema revision;
+# ledger.embedded: the embedded cluster's role and database; projections.store: the
+# projection tables, checkpoints and the runner's reads.
 SQL_OWNERS = {
     "ledger.store",
-    "ledger.integrity",
     "ledger.db",
     "ledger.embedded",
     "projections.store",
-    "projections.queries",
 }
 SQL = re.compile(
     r"^\s*(SELECT\b|INSERT\s+INTO\b|UPDATE\s+\w+\s+SET\b|DELETE\s+FROM\b|WITH\s+\w+\s+AS\s*\()"
