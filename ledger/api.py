@@ -31,8 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass, field, fields
 from datetime import date, datetime
 from decimal import Decimal
@@ -59,13 +67,14 @@ from ledger.ingest import IngestCounts as _RunCounts
 from ledger.ingest import Ingester, RetryOutcome
 from ledger.integrity import Problem, append_seal, latest_seal, verify_against
 from ledger.settings import Settings
-from ledger.sources import InputFormat, Parsed, SourceRef, iter_file, parse_message
+from ledger.sources import InputFormat, Parsed, Rejected, SourceRef, iter_file, parse_message
 from ledger.store import (
     Checkpoint,
     EventStore,
     StoredEvent,
     checkpoint_at,
     count_events,
+    dead_letter_statuses,
     driver_connection,
     encode_event,
     log_lag,
@@ -110,7 +119,7 @@ __all__ = [
 
 T = TypeVar("T")
 P = ParamSpec("P")
-_COUNTS = ("received", "appended", "duplicates", "rejected")
+_COUNTS = ("received", "appended", "duplicates", "rejected", "already_rejected", "withheld")
 PnlBy = Literal["fill", "day", "account"]
 Progress = Callable[[int], None]
 
@@ -125,14 +134,21 @@ def row_of(value: DataclassInstance) -> dict[str, object]:
 
 @dataclass(frozen=True, slots=True)
 class IngestCounts:
-    """What an ingest or append did: ``received = appended + duplicates + rejected``.
+    """What an ingest or append did: ``received = appended + duplicates + rejected``
+    (``+ withheld``, which only a refused strict ingest has).
 
     Attributes:
         received: records (or events) received.
         appended: new events written to the log.
-        duplicates: events already in the log (idempotent re-delivery).
-        rejected: records dead-lettered, each with its reason (``ledger rejected``).
+        duplicates: records already recorded: events already in the log (idempotent
+            re-delivery) and records already in the dead letter (``already_rejected``).
+        rejected: records dead-lettered by this call, each with its reason
+            (``ledger rejected``).
         by_reason: the rejected records per reason.
+        already_rejected: of the duplicates, records an earlier run dead-lettered (the
+            same source, line and bytes: a re-ingested file, a redelivered message);
+            not dead-lettered again. Like ``rejected``, they are not in the log.
+        withheld: valid records a strict ingest did not append because others were bad.
     """
 
     received: int = 0
@@ -140,6 +156,8 @@ class IngestCounts:
     duplicates: int = 0
     rejected: int = 0
     by_reason: Mapping[str, int] = field(default_factory=dict)
+    already_rejected: int = 0
+    withheld: int = 0
 
     def __add__(self, other: IngestCounts) -> IngestCounts:
         reasons = dict(self.by_reason)
@@ -151,16 +169,31 @@ class IngestCounts:
             self.duplicates + other.duplicates,
             self.rejected + other.rejected,
             reasons,
+            self.already_rejected + other.already_rejected,
+            self.withheld + other.withheld,
         )
 
+    @property
+    def not_appended(self) -> int:
+        """Records of the input that are not in the log: rejected, now or before."""
+        return self.rejected + self.already_rejected
+
     def as_dict(self) -> dict[str, int]:
-        """Return the four counts under their CLI/JSON names."""
+        """Return the counts under their CLI/JSON names (``ledger ingest -f json``)."""
         return {name: getattr(self, name) for name in _COUNTS}
 
     @classmethod
     def of(cls, run: _RunCounts) -> IngestCounts:
         """Return the frozen counts of an ingestion run."""
-        return cls(run.received, run.appended, run.duplicates, run.rejected, dict(run.by_reason))
+        return cls(
+            run.received,
+            run.appended,
+            run.duplicates,
+            run.rejected,
+            dict(run.by_reason),
+            run.already_rejected,
+            run.withheld,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +387,16 @@ class Verification:
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    """Ingest counters, projection lag and the live feed's last error."""
+    """Ingest counters, projection lag and the live feed's last error.
+
+    ``received = appended + duplicates + rejected`` over every run: ``rejected`` counts
+    each dead letter once; a record found dead-lettered already (a re-ingest, a
+    redelivery) counts as a duplicate and in ``already_rejected``. ``dead_letters``
+    counts the dead letters by status (``pending``, ``resolved``), ``retried`` what
+    ``ledger rejected --retry`` did (``resolved`` dead letters, their events
+    ``appended`` and ``duplicates``); on a ledger whose counters began with its dead
+    letters, ``rejected`` = pending + resolved and ``retried["resolved"]`` = resolved.
+    """
 
     received: int
     appended: int
@@ -368,6 +410,9 @@ class Stats:
     last_error_at: datetime | None
     last_error: str | None
     faulted_streams: tuple[StreamFault, ...] = ()
+    already_rejected: int = 0
+    dead_letters: Mapping[str, int] = field(default_factory=dict)
+    retried: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def consistent(self) -> bool:
@@ -519,12 +564,14 @@ class Ledger:
         source: str = "api",
         input_format: InputFormat = "auto",
         batch_size: int = 1000,
+        strict: bool = False,
     ) -> IngestCounts:
         """Validate and append records (native or ProjectX JSON), dead-lettering the rest.
 
         Each record is a mapping, or one JSON document as text or bytes, exactly as a
         line of a JSON Lines file (``source`` and its 1-based number name it in
-        ``ledger rejected``).
+        ``ledger rejected``). With ``strict``, nothing is appended when any record is
+        bad (see :meth:`ingest_files`).
         """
         items: list[Any] = []
         for number, record in enumerate(records, start=1):
@@ -534,7 +581,7 @@ class Ledger:
             elif data is None:
                 data = orjson.dumps(record)
             items += parse_message(data, SourceRef(source, line=number), input_format)
-        run = await Ingester(self.store, batch_size=batch_size).ingest(items)
+        run = await Ingester(self.store, batch_size=batch_size).ingest(items, strict=strict)
         return IngestCounts.of(run)
 
     async def ingest_file(
@@ -545,14 +592,54 @@ class Ledger:
         batch_size: int = 1000,
         progress: Progress | None = None,
         name: str | None = None,
+        strict: bool = False,
     ) -> IngestCounts:
-        """Validate and append a JSON Lines, ProjectX JSON or CSV file (a path or handle)."""
+        """Validate and append a JSON Lines, ProjectX JSON or CSV file (a path or handle).
+
+        ``name`` names a handle in ``ledger rejected`` (default ``-``). With ``strict``,
+        see :meth:`ingest_files`.
+        """
+        source: str | Path | tuple[BinaryIO, str]
+        source = file if isinstance(file, str | Path) else (file, name or "-")
+        return await self.ingest_files(
+            [source],
+            input_format=input_format,
+            batch_size=batch_size,
+            progress=progress,
+            strict=strict,
+        )
+
+    async def ingest_files(
+        self,
+        files: Sequence[str | Path | tuple[BinaryIO, str]],
+        *,
+        input_format: InputFormat = "auto",
+        batch_size: int = 1000,
+        progress: Progress | None = None,
+        strict: bool = False,
+    ) -> IngestCounts:
+        """Validate and append files (paths, or ``(handle, name)`` pairs) as one input.
+
+        Without ``strict`` each batch is its own transaction: what is valid is appended,
+        the rest dead-lettered. With ``strict`` the whole input is one transaction: if
+        any record is bad (rejected, or dead-lettered by an earlier run), nothing is
+        appended, the bad records are dead-lettered and the valid ones counted as
+        ``withheld``; a lost database then fails the call (nothing appended) instead
+        of being retried.
+        """
         ingester = Ingester(self.store, batch_size=batch_size)
-        if isinstance(file, str | Path):
-            with open(file, "rb") as handle:  # noqa: ASYNC230 - the parse reads it in step
-                run = await ingester.ingest(iter_file(handle, str(file), input_format), progress)
-        else:
-            run = await ingester.ingest(iter_file(file, name or "-", input_format), progress)
+        with ExitStack() as stack:
+
+            def records() -> Iterator[Parsed | Rejected]:
+                for file in files:
+                    if isinstance(file, str | Path):
+                        # read in step with the writes, closed when the call ends
+                        handle = stack.enter_context(open(file, "rb"))
+                        yield from iter_file(handle, str(file), input_format)
+                    else:
+                        yield from iter_file(file[0], file[1], input_format)
+
+            run = await ingester.ingest(records(), progress, strict=strict)
         return IngestCounts.of(run)
 
     async def append(self, events: Sequence[Event], *, source: str = "api") -> IngestCounts:
@@ -975,6 +1062,7 @@ class Ledger:
         """Return ingest counters, the projections' lag and the feed's last error."""
         async with self._conn() as conn:
             counters = {r["name"]: r for r in await read_counters(conn)}
+            dead_letters = await dead_letter_statuses(conn)
             serving = await serving_checkpoint(conn)
             faults: list[StreamFault] = []
             if serving is None:  # nothing projected yet: every event is behind
@@ -1012,6 +1100,14 @@ class Ledger:
             last_error_at=errors["updated_at"] if errors is not None else None,
             last_error=errors["note"] if errors is not None else None,
             faulted_streams=tuple(faults),
+            already_rejected=value("already_rejected"),
+            dead_letters={
+                "pending": dead_letters.get("pending", 0),
+                "resolved": dead_letters.get("resolved", 0),
+            },
+            retried={
+                name: value(f"retried.{name}") for name in ("resolved", "appended", "duplicates")
+            },
         )
 
 
@@ -1091,6 +1187,7 @@ class SyncLedger:
 
     ingest = _blocking(Ledger.ingest)
     ingest_file = _blocking(Ledger.ingest_file)
+    ingest_files = _blocking(Ledger.ingest_files)
     append = _blocking(Ledger.append)
     retry_rejected = _blocking(Ledger.retry_rejected)
     rejected = _blocking(Ledger.rejected)

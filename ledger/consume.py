@@ -565,7 +565,14 @@ class Consumer:
 
 def _poisoned(item: Item, exc: BaseException) -> Rejected:
     """Return ``item`` as a dead letter carrying the error that kept it out of the log."""
-    return Rejected(item.ref, item.raw, RejectReason.INVALID_RECORD, f"write: {_describe(exc)}")
+    return Rejected(
+        item.ref,
+        item.raw,
+        RejectReason.INVALID_RECORD,
+        f"write: {_describe(exc)}",
+        item.input_format,
+        item.csv_header,
+    )
 
 
 def _subject_covers(pattern: str, subject: str) -> bool:

@@ -99,7 +99,13 @@ rejected = Table(
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("last_retry_at", DateTime(timezone=True)),
     Column("retry_outcome", Text),
+    # the record's key (source, line, index, raw): a re-ingest or redelivery finds it
+    Column("dead_key", LargeBinary),
+    # how the record was read, so that a retry reads it the same way
+    Column("input_format", Text),
+    Column("csv_header", Text),
     Index(None, "status"),
+    Index("uq_rejected_dead_key", "dead_key", unique=True),
 )
 
 counters = Table(

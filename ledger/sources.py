@@ -29,7 +29,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import BinaryIO, Final, Literal, Protocol, TypeAlias, get_args
@@ -50,7 +50,9 @@ __all__ = [
     "SourceRef",
     "convert_projectx",
     "iter_file",
+    "parse_csv_row",
     "parse_message",
+    "reparse",
 ]
 
 MAX_RECORD_BYTES: Final = 1_048_576
@@ -98,21 +100,32 @@ class SourceRef:
 
 @dataclass(frozen=True, slots=True)
 class Parsed:
-    """One record that became an event."""
+    """One record that became an event.
+
+    ``input_format`` and ``csv_header`` say how ``raw`` was read (see :func:`reparse`).
+    """
 
     ref: SourceRef
     event: Event
     raw: bytes
+    input_format: InputFormat = "auto"
+    csv_header: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """One record that could not become an event, and why."""
+    """One record that could not become an event, and why.
+
+    ``input_format`` and ``csv_header`` say how ``raw`` was read, so that a retry reads
+    it the same way (:func:`reparse`): a CSV row with its file's header, JSON as JSON.
+    """
 
     ref: SourceRef
     raw: bytes
     reason: RejectReason
     message: str
+    input_format: InputFormat = "auto"
+    csv_header: tuple[str, ...] | None = None
 
 
 Result: TypeAlias = Parsed | Rejected
@@ -140,11 +153,13 @@ def iter_file(stream: BinaryIO, source: str, fmt: InputFormat = "auto") -> Itera
 
     JSON Lines (native or ProjectX, detected per payload) are read one line at a time.
     CSV is chosen by ``fmt="csv"``, or under ``"auto"`` when the first non-blank line is
-    a CSV header with a ``type`` column. A ProjectX file that is one whole JSON document
-    (the first line opens with ``{`` or ``[`` but is not a complete value) is read at
-    once and treated as one message; if it does not decode either, and any later line is
-    a complete JSON object or array on its own, the file is read as JSON Lines after all
-    (its first line being simply broken).
+    a CSV header with a ``type`` column, or looks like a header row (two or more
+    comma-separated names) above a line that is not JSON either: then a wrong header is
+    rejected naming its wrong column, and each row with it. A ProjectX file that is one
+    whole JSON document (the first line opens with ``{`` or ``[`` but is not a complete
+    value) is read at once and treated as one message; if it does not decode either, and
+    any later line is a complete JSON object or array on its own, the file is read as
+    JSON Lines after all (its first line being simply broken).
 
     Blank lines yield nothing. A line over :data:`MAX_RECORD_BYTES` is consumed without
     being kept and yields ``RECORD_TOO_LARGE`` with its first 1024 bytes as raw.
@@ -169,6 +184,16 @@ def iter_file(stream: BinaryIO, source: str, fmt: InputFormat = "auto") -> Itera
         if fmt == "csv" or (fmt == "auto" and _is_csv_header(first.data)):
             yield from _iter_csv(first, lines, source)
             return
+        if fmt == "auto" and _may_be_csv_header(first.data):
+            # A header with a wrong column ("Type", "kind", "exec id") above rows that
+            # are not JSON either: a CSV file with a bad header, reported as such (naming
+            # the column) rather than as one INVALID_JSON per line.
+            second = next(lines, None)
+            rest = lines if second is None else _chain(second, lines)
+            if second is None or second.too_large or not _opens_json(second.data):
+                yield from _iter_csv(first, rest, source)
+                return
+            lines = rest
         if fmt in ("auto", "projectx") and _opens_document(first.data):
             yield from _iter_document(stream, first, source, fmt)
             return
@@ -214,7 +239,12 @@ def _chain(first: _Line, rest: Iterable[_Line]) -> Iterator[_Line]:
     yield from rest
 
 
-def _too_large(line: _Line, ref: SourceRef) -> Rejected:
+def _too_large(
+    line: _Line,
+    ref: SourceRef,
+    fmt: InputFormat,
+    csv_header: tuple[str, ...] | None = None,
+) -> Rejected:
     return Rejected(
         ref,
         line.data,
@@ -222,6 +252,8 @@ def _too_large(line: _Line, ref: SourceRef) -> Rejected:
         f"record: line {line.number} is {line.size} bytes, more than the "
         f"{MAX_RECORD_BYTES} bytes a record may have; not decoded "
         f"(raw keeps its first {RAW_HEAD_BYTES} bytes)",
+        fmt,
+        csv_header,
     )
 
 
@@ -229,7 +261,7 @@ def _iter_json_lines(lines: Iterable[_Line], source: str, fmt: InputFormat) -> I
     for line in lines:
         ref = SourceRef(source, line.number)
         if line.too_large:
-            yield _too_large(line, ref)
+            yield _too_large(line, ref, fmt)
         else:
             yield from parse_message(line.data, ref, fmt)
 
@@ -274,6 +306,7 @@ def _iter_document(
             document,
             failure.reason,
             f"{failure.message} (file read as one JSON document from line {first.number})",
+            fmt,
         )
     else:
         head = (first.data + b"\n" + rest[:RAW_HEAD_BYTES])[:RAW_HEAD_BYTES]
@@ -287,6 +320,7 @@ def _iter_document(
             f"record: the JSON document starting on line {first.number} is larger than "
             f"{MAX_DOCUMENT_BYTES} bytes; not decoded (raw keeps its first "
             f"{RAW_HEAD_BYTES} bytes)",
+            fmt,
         )
 
 
@@ -336,10 +370,27 @@ class _Chained:
 # --------------------------------------------------------------------------- CSV
 
 _HEADER_CELL: Final = re.compile(r"[a-z_][a-z0-9_]*")
+# what a column name of a wrong header may look like: words, not JSON or numbers
+_HEADER_LIKE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_ .#/()-]*")
 
 
 def _csv_cells(text: str) -> list[str]:
     return next(csv.reader([text], strict=True), [])
+
+
+def _opens_json(data: bytes) -> bool:
+    return data.lstrip()[:1] in (b"{", b"[")
+
+
+def _may_be_csv_header(data: bytes) -> bool:
+    """Return whether a first line could be a CSV header row, if a wrong one."""
+    if _opens_json(data):
+        return False
+    try:
+        cells = [cell.strip() for cell in _csv_cells(data.decode("utf-8"))]
+    except (UnicodeDecodeError, csv.Error):
+        return False
+    return len(cells) >= 2 and all(_HEADER_LIKE.fullmatch(cell) for cell in cells if cell)
 
 
 def _is_csv_header(data: bytes) -> bool:
@@ -363,11 +414,13 @@ def _csv_header(line: _Line) -> list[str]:
         cells = [cell.strip() for cell in _csv_cells(text)]
     except csv.Error as exc:
         raise InvalidRecord(RejectReason.INVALID_RECORD, f"CSV header: {exc}") from None
-    bad = [cell for cell in cells if not _HEADER_CELL.fullmatch(cell)]
+    bad = [(n, cell) for n, cell in enumerate(cells, 1) if not _HEADER_CELL.fullmatch(cell)]
     if bad:
+        named = ", ".join(f"column {n} {_show(cell)}" for n, cell in bad)
         raise InvalidRecord(
             RejectReason.INVALID_RECORD,
-            f"CSV header: column names must be native keys, got {_show(bad)}",
+            f"CSV header: {named} not a native key (column names are the native keys, "
+            f"lower case, e.g. 'type', 'exec_id', 'occurred_at')",
         )
     duplicates = sorted({cell for cell in cells if cells.count(cell) > 1})
     if duplicates:
@@ -376,7 +429,9 @@ def _csv_header(line: _Line) -> list[str]:
         )
     if "type" not in cells:
         raise InvalidRecord(
-            RejectReason.INVALID_RECORD, f"CSV header: no 'type' column (columns {_show(cells)})"
+            RejectReason.INVALID_RECORD,
+            f"CSV header: no 'type' column (columns {_show(cells)}); the header row must "
+            "name the native keys, 'type' among them",
         )
     return cells
 
@@ -387,30 +442,87 @@ def _iter_csv(first: _Line, lines: Iterable[_Line], source: str) -> Iterator[Res
     Each physical line is one row (native values never hold a newline), so a broken
     row cannot swallow the rows after it.
     """
-    header: list[str] | None = None
+    header: tuple[str, ...] | None = None
+    problem = ""
     try:
-        header = _csv_header(first)
+        header = tuple(_csv_header(first))
     except InvalidRecord as exc:
-        yield Rejected(SourceRef(source, first.number), first.data, exc.reason, exc.message)
+        problem = exc.message
+        yield Rejected(SourceRef(source, first.number), first.data, exc.reason, exc.message, "csv")
     for line in lines:
         ref = SourceRef(source, line.number)
         if line.too_large:
-            yield _too_large(line, ref)
+            yield _too_large(line, ref, "csv", header)
             continue
-        try:
-            if header is None:
-                raise InvalidRecord(
+        if header is None:
+            yield Rejected(
+                ref,
+                line.data,
+                RejectReason.INVALID_RECORD,
+                f"record: no usable CSV header (line {first.number} was rejected: {problem})",
+                "csv",
+            )
+            continue
+        yield from parse_csv_row(line.data, header, ref)
+
+
+def parse_csv_row(data: bytes, header: Sequence[str], ref: SourceRef) -> list[Result]:
+    """Turn one CSV row, read with its file's header, into a result (none for an empty row).
+
+    Args:
+        data: the row's bytes, without its line ending.
+        header: the column names of the file's header row.
+        ref: where the row came from.
+
+    Returns:
+        ``[Parsed]``, ``[Rejected]``, or ``[]`` for an all-empty row. Never raises on bad
+        input.
+    """
+    columns = tuple(header)
+    try:
+        record = _csv_record(data, list(columns))
+        if record is None:
+            return []  # an all-empty row, as spreadsheets write
+        event = parse_event(record)
+    except InvalidRecord as exc:
+        return [Rejected(ref, data, exc.reason, exc.message, "csv", columns)]
+    return [Parsed(ref, event, data, "csv", columns)]
+
+
+def reparse(
+    data: bytes,
+    ref: SourceRef,
+    input_format: InputFormat = "auto",
+    csv_header: Sequence[str] | None = None,
+) -> list[Result]:
+    """Read a record again the way it was first read (``ledger rejected --retry``).
+
+    A CSV row is read as CSV with the header of its file; anything else as one JSON
+    message in ``input_format`` (:func:`parse_message`).
+
+    Args:
+        data: the record's raw bytes, as kept in the dead letter.
+        ref: where it came from.
+        input_format: the format it was read in (``Parsed.input_format``).
+        csv_header: the header of its CSV file; None when the header was unusable.
+
+    Returns:
+        The results, as :func:`parse_message` or :func:`parse_csv_row`.
+    """
+    if input_format == "csv":
+        if csv_header is None:
+            return [
+                Rejected(
+                    ref,
+                    data,
                     RejectReason.INVALID_RECORD,
-                    f"record: no usable CSV header (line {first.number} was rejected)",
+                    "record: a CSV record with no usable header (fix the file's header "
+                    "row and ingest the file again)",
+                    "csv",
                 )
-            record = _csv_record(line.data, header)
-            if record is None:
-                continue  # an all-empty row, as spreadsheets write
-            event = parse_event(record)
-        except InvalidRecord as exc:
-            yield Rejected(ref, line.data, exc.reason, exc.message)
-        else:
-            yield Parsed(ref, event, line.data)
+            ]
+        return parse_csv_row(data, csv_header, ref)
+    return parse_message(data, ref, input_format)
 
 
 def _csv_record(data: bytes, header: list[str]) -> dict[str, object] | None:
@@ -464,7 +576,7 @@ def parse_message(data: bytes, ref: SourceRef, fmt: InputFormat = "auto") -> lis
     try:
         value, lenient = _decode(data)
     except InvalidRecord as exc:
-        return [Rejected(ref, data, exc.reason, exc.message)]
+        return [Rejected(ref, data, exc.reason, exc.message, fmt)]
     return list(_results(value, lenient, data, ref, fmt))
 
 
@@ -591,10 +703,10 @@ def _results(
                 _refuse_non_finite(item)
             events = _payload_events(item, fmt)
         except InvalidRecord as exc:
-            yield Rejected(item_ref, raw, exc.reason, exc.message)
+            yield Rejected(item_ref, raw, exc.reason, exc.message, fmt)
         else:
             for event in events:
-                yield Parsed(item_ref, event, raw)
+                yield Parsed(item_ref, event, raw, fmt)
 
 
 def _encode(value: object, fallback: bytes) -> bytes:

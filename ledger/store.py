@@ -65,6 +65,7 @@ __all__ = [
     "chain_hash",
     "checkpoint_at",
     "count_events",
+    "dead_letter_statuses",
     "encode_event",
     "ensure_log_statistics",
     "fill_streams",
@@ -707,13 +708,17 @@ ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value, update
 LAST_ERROR_SQL = "UPDATE counters SET note = $1 WHERE name = 'consume.errors'"
 KNOWN_IDS_SQL = "SELECT event_id::text FROM events WHERE event_id = ANY($1::uuid[])"
 DEAD_LETTER_SQL = """
-INSERT INTO rejected (source, line, idx, raw, reason, message)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::bytea[], $5::text[], $6::text[])
+INSERT INTO rejected (source, line, idx, raw, reason, message, dead_key, input_format, csv_header)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::bytea[], $5::text[], $6::text[],
+                     $7::bytea[], $8::text[], $9::text[])
+ON CONFLICT (dead_key) DO NOTHING
+RETURNING dead_key
 """
 PENDING_REJECTED_SQL = """
-SELECT id, source, line, idx, raw, reason FROM rejected
+SELECT id, source, line, idx, raw, reason, input_format, csv_header FROM rejected
 WHERE status = 'pending' ORDER BY id LIMIT $1
 """
+DEAD_LETTER_STATUS_SQL = "SELECT status, count(*) FROM rejected GROUP BY status"
 RETRIED_SQL = """
 UPDATE rejected SET status = $2, attempts = attempts + 1, last_retry_at = now(),
        retry_outcome = $3
@@ -730,6 +735,11 @@ async def rejected_rows(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     """Return every dead-lettered record, oldest first."""
     rows: list[asyncpg.Record] = await conn.fetch(_REJECTED)
     return rows
+
+
+async def dead_letter_statuses(conn: asyncpg.Connection) -> dict[str, int]:
+    """Return how many dead letters are in each status (``pending``, ``resolved``)."""
+    return {status: int(n) for status, n in await conn.fetch(DEAD_LETTER_STATUS_SQL)}
 
 
 async def read_counters(conn: asyncpg.Connection) -> list[asyncpg.Record]:

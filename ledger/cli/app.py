@@ -43,7 +43,7 @@ from ledger.cli.common import (
     run,
     warn_faulted,
 )
-from ledger.cli.demo import DayPlan, generate_day
+from ledger.cli.demo import DayPlan, generate_day, try_next
 from ledger.db import current_revision, head_revision, make_engine, migrate, migrate_embedded
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
@@ -138,7 +138,22 @@ def _open_input(path: str) -> tuple[Any, str]:
         raise typer.Exit(2) from None
 
 
-@app.command()
+EXIT_REJECTED = 4
+"""``ledger ingest``: some records were rejected (dead-lettered, now or by an earlier
+run); every other record was appended or was a duplicate."""
+EXIT_REFUSED = 5
+"""``ledger ingest --strict``: some records were bad, so nothing was appended."""
+
+
+@app.command(
+    epilog=(
+        "Exit status: 0 every record appended or a duplicate; 4 some records rejected "
+        "(dead-lettered now, or already by an earlier run: see `ledger rejected`), the "
+        "rest appended; 5 with --strict, some records bad, so nothing appended (the bad "
+        "ones are dead-lettered); 2 a usage error, an unreadable file, or the database "
+        "unavailable or not migrated."
+    )
+)
 def ingest(
     files: Annotated[
         list[str], typer.Argument(help="JSON Lines, ProjectX JSON or CSV files; - is stdin.")
@@ -150,39 +165,67 @@ def ingest(
         TableOrJson, typer.Option("--format", "-f", help="Output format.")
     ] = TableOrJson.table,
     batch_size: Annotated[int, typer.Option(help="Events per transaction.")] = 1000,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="All or nothing: if any record of the input (all FILES) is bad, append "
+            "nothing (the bad records are dead-lettered; exit 5). One transaction.",
+        ),
+    ] = False,
 ) -> None:
-    """Validate and append records; dead-letter what cannot be appended, with its reason."""
+    """Validate and append records; dead-letter what cannot be appended, with its reason.
+
+    A record dead-lettered by an earlier run (the same file, line and bytes) is not
+    dead-lettered again: it counts as a duplicate, "already dead-lettered".
+    """
     handles = [_open_input(p) for p in files]
 
     async def _ingest() -> IngestCounts:
-        async with await connect() as ledger:
-            totals = IngestCounts()
-            with progress_bar("ingesting") as advance:
-                for handle, name in handles:
-                    try:
-                        totals += await ledger.ingest_file(
-                            handle,
-                            name=name,
-                            input_format=input_format.value,
-                            batch_size=batch_size,
-                            progress=advance,
-                        )
-                    finally:
-                        if handle is not sys.stdin.buffer:
-                            handle.close()
-            return totals
+        try:
+            async with await connect() as ledger:
+                with progress_bar("ingesting") as advance:
+                    return await ledger.ingest_files(
+                        handles,
+                        input_format=input_format.value,
+                        batch_size=batch_size,
+                        progress=advance,
+                        strict=strict,
+                    )
+        finally:
+            for handle, _name in handles:
+                if handle is not sys.stdin.buffer:
+                    handle.close()
 
     totals = run(_ingest())
     if fmt == "json":
         print(orjson.dumps(totals.as_dict()).decode())
     else:
+        already = (
+            f" ({totals.already_rejected} already dead-lettered)" if totals.already_rejected else ""
+        )
+        withheld = f", withheld {totals.withheld}" if totals.withheld else ""
         out.print(
             f"received {totals.received}, appended {totals.appended}, "
-            f"duplicates {totals.duplicates}, rejected {totals.rejected}"
+            f"duplicates {totals.duplicates}{already}, rejected {totals.rejected}{withheld}"
         )
         if totals.by_reason:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(totals.by_reason.items()))
             err.print(f"[yellow]rejected by reason:[/] {reasons} (see `ledger rejected`)")
+        if totals.already_rejected:
+            err.print(
+                f"[yellow]{totals.already_rejected} record(s) dead-lettered by an earlier "
+                "run[/] (the same source, line and bytes): not dead-lettered again "
+                "(see `ledger rejected`)"
+            )
+    if strict and totals.not_appended:
+        err.print(
+            f"[bold red]--strict:[/] {totals.not_appended} bad record(s): nothing appended "
+            f"({totals.withheld} valid record(s) withheld)"
+        )
+        raise typer.Exit(EXIT_REFUSED)
+    if totals.not_appended:
+        raise typer.Exit(EXIT_REJECTED)
 
 
 # -------------------------------------------------------------------------- log
@@ -460,6 +503,7 @@ def demo(
         async with await connect(settings) as ledger:
             with progress_bar("ingesting") as advance:
                 counts = await ledger.ingest_file(day_file, progress=advance)
+            known_at = datetime.now(UTC)  # the log knows the whole day by now
             with progress_bar("projecting") as advance:
                 await ledger.project(advance, seal=False)
             before = [row_of(p) for p in await ledger.positions(include_flat=True)]
@@ -478,6 +522,7 @@ def demo(
             "pnl": by_account,
             "rebuilt": rebuilt,
             "identical": before == after,
+            "known_at": known_at,
             **extra,
         }
 
@@ -530,16 +575,10 @@ def demo(
         "what happened: a generated day was ingested into the immutable log, projected into "
         "positions and P&L, reconciled against the broker, rebuilt from zero and reported.\n"
         f"files: {folder}\n"
-        "try next:\n"
-        "  ledger positions --as-of "
-        f"{trading_day}T15:00:00Z        # event time\n"
-        "  ledger positions --as-known-at <time>            # knowledge time\n"
-        "  ledger history --account ACC-1 --contract CON.F.US.EP.Z26\n"
-        "  ledger reconcile --cutoff "
-        f"{trading_day}T21:00:01Z --propose   # exit 3 when there are breaks\n"
-        "  ledger trail --account ACC-1 --contract CON.F.US.EP.Z26\n"
-        "  ledger verify ; ledger log --limit 20 ; ledger rejected ; ledger rebuild\n"
+        "try next:"
     )
+    for line in try_next(plan, result["known_at"]):
+        out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     if not result["identical"]:
         raise typer.Exit(1)
 

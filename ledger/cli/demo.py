@@ -5,11 +5,20 @@ closes and flips; the day also holds a bust, a correction, a fill that arrives l
 (recorded after later fills, with its true earlier time), marks, and end-of-day broker
 position reports of which exactly one disagrees with the fills (the broker saw one
 more contract than the ledger: a fill the ledger never received).
+
+Marks: the previous settlement at 00:00 UTC of the day, one on every hour of the
+session, and the close at 21:00. A query for "now" takes the last mark stamped by now,
+so positions carry their unrealized P&L whenever the demo runs, even on a day whose
+session has not happened yet (before 21:00 UTC on today's date).
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shlex
+import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -19,7 +28,7 @@ from typing import Any
 from ledger.events import FillBusted, FillCorrected, FillRecorded, parse_event
 from projections.positions import replay
 
-__all__ = ["CONTRACTS", "DayPlan", "generate_day", "to_projectx"]
+__all__ = ["CONTRACTS", "DayPlan", "generate_day", "ledger_command", "to_projectx", "try_next"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +66,19 @@ def _money(value: Decimal) -> str:
     return format(value, "f")
 
 
+def _stamp(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
+
+
+def _mark(contract: str, price: Decimal, when: datetime) -> dict[str, Any]:
+    return {
+        "type": "mark",
+        "contract": contract,
+        "price": _money(price),
+        "occurred_at": _stamp(when),
+    }
+
+
 def _walk(rng: random.Random, price: Decimal, tick: Decimal) -> Decimal:
     price += tick * rng.choice((-3, -2, -1, -1, 0, 1, 1, 2, 3))
     return max(price, tick)
@@ -90,14 +112,28 @@ def generate_day(
         )
     names = [f"ACC-{i + 1}" for i in range(accounts)]
     books = {a: rng.sample(CONTRACTS, k=min(len(CONTRACTS), 2 + rng.randrange(2))) for a in names}
+    if CONTRACTS[0] not in books[names[0]]:  # the stream the demo's "try next" names
+        books[names[0]][0] = CONTRACTS[0]
     prices = {c.contract: c.start_price for c in CONTRACTS}
+    # the previous session's settlement, so that even "now" before the session has a mark
+    settlements = [
+        _mark(c.contract, c.start_price, datetime.combine(day, time(0, 0), tzinfo=UTC))
+        for c in CONTRACTS
+    ]
     held: dict[tuple[str, str], int] = {}
     open_ = datetime.combine(day, time(13, 30), tzinfo=UTC)
     step = timedelta(seconds=(6.5 * 3600) / fills)
+    hour = timedelta(hours=1)
+    next_mark = open_ + timedelta(minutes=30)
+    session: list[dict[str, Any]] = []  # fills and marks in time order
     trades: list[dict[str, Any]] = []
     for n in range(fills):
-        account = rng.choice(names)
-        c = rng.choice(books[account])
+        when = open_ + step * n + timedelta(milliseconds=rng.randrange(1000))
+        while next_mark <= when:  # on the hour: each contract at its last traded price
+            session.extend(_mark(k, p, next_mark) for k, p in prices.items())
+            next_mark += hour
+        account = names[0] if n == 0 else rng.choice(names)
+        c = CONTRACTS[0] if n == 0 else rng.choice(books[account])
         prices[c.contract] = _walk(rng, prices[c.contract], c.tick_size)
         qty_now = held.get((account, c.contract), 0)
         roll = rng.random()
@@ -111,7 +147,6 @@ def generate_day(
             side = -1 if qty_now > 0 else 1
             size = abs(qty_now) + rng.randint(1, 3)
         held[(account, c.contract)] = qty_now + side * size
-        when = open_ + step * n + timedelta(milliseconds=rng.randrange(1000))
         trades.append(
             {
                 "type": "fill",
@@ -125,19 +160,24 @@ def generate_day(
                 "fee": _money(
                     Decimal("0.62") * size if "MNQ" in c.contract else Decimal("2.25") * size
                 ),
-                "occurred_at": when.isoformat().replace("+00:00", "Z"),
+                "occurred_at": _stamp(when),
             }
         )
+        session.append(trades[-1])
     # A fill that arrives late: recorded last, though it happened early in the day.
     late = trades.pop(len(trades) // 4)
     plan.late = late["exec_id"]
-    arrival = [*trades[: len(trades) // 2], *trades[len(trades) // 2 :], late]
-    plan.records.extend(arrival)
+    eod = datetime.combine(day, time(21, 0), tzinfo=UTC)
+    while next_mark < eod:
+        session.extend(_mark(k, p, next_mark) for k, p in prices.items())
+        next_mark += hour
+    plan.records.extend(settlements)
+    plan.records.extend(r for r in session if r is not late)
+    plan.records.append(late)
     # The broker voids one execution and corrects the price of another.
     bust_of = trades[len(trades) // 3]
     fix_of = trades[(2 * len(trades)) // 3]
     plan.busted, plan.corrected = bust_of["exec_id"], fix_of["exec_id"]
-    eod = datetime.combine(day, time(21, 0), tzinfo=UTC)
     plan.records.append(
         {
             "type": "bust",
@@ -160,15 +200,7 @@ def generate_day(
             "occurred_at": (eod - timedelta(minutes=20)).isoformat().replace("+00:00", "Z"),
         }
     )
-    for c in CONTRACTS:
-        plan.records.append(
-            {
-                "type": "mark",
-                "contract": c.contract,
-                "price": _money(prices[c.contract]),
-                "occurred_at": eod.isoformat().replace("+00:00", "Z"),
-            }
-        )
+    plan.records.extend(_mark(c.contract, prices[c.contract], eod) for c in CONTRACTS)
     plan.records.extend(_broker_reports(plan, eod, rng))
     return plan
 
@@ -269,3 +301,48 @@ def to_projectx(records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             }
         # corrections and marks have no ProjectX payload: the broker restates a trade by
         # voiding it, and marks come from market data, not the user hub
+
+
+def ledger_command() -> str:
+    """Return how the user's shell reaches this ``ledger``: its name when ``PATH`` finds
+    this very command, else its full path (``scripts/setup`` installs it in ``.venv/bin``,
+    which a fresh shell does not have on ``PATH``)."""
+    me = shutil.which(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if me is None or os.path.basename(me) != "ledger":
+        here = os.path.join(os.path.dirname(sys.executable), "ledger")
+        me = here if os.access(here, os.X_OK) else None
+    if me is None:  # run as ``python -m ledger``
+        return f"{shlex.quote(sys.executable)} -m ledger"
+    on_path = shutil.which("ledger")
+    if on_path is not None and os.path.realpath(on_path) == os.path.realpath(me):
+        return "ledger"
+    return shlex.quote(os.path.abspath(me))
+
+
+def try_next(plan: DayPlan, known_at: datetime, command: str | None = None) -> list[str]:
+    """Return the demo's "try next" command lines, each runnable as printed.
+
+    Every time in them lies in the demo's data: the stream they name has fills (the
+    day's first fill is always ACC-1's on ES), the day has a mark at every hour, and
+    ``known_at`` (the end of the demo's ingest, a time the log knows) is the knowledge
+    time.
+
+    Args:
+        plan: the demo's day.
+        known_at: a time after the demo's records were appended.
+        command: how to call ``ledger``; :func:`ledger_command` when None.
+    """
+    ledger = command or ledger_command()
+    day = plan.day.isoformat()
+    stream = f"--account ACC-1 --contract {CONTRACTS[0].contract}"
+    known = _stamp(known_at.astimezone(UTC))
+    return [
+        f"{ledger} positions --as-of {day}T15:00:00Z          # event time",
+        f"{ledger} positions --as-known-at {known}   # knowledge time",
+        f"{ledger} history {stream}",
+        f"{ledger} reconcile --cutoff {day}T21:00:01Z --propose   # exit 3: the break",
+        f"{ledger} trail {stream}",
+        f"{ledger} verify",
+        f"{ledger} log --limit 20",
+        f"{ledger} rebuild",
+    ]

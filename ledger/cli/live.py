@@ -279,7 +279,8 @@ def consume(
     c = totals.counts
     err.print(
         f"consumed {totals.messages} messages: received {c.received}, appended {c.appended}, "
-        f"duplicates {c.duplicates}, rejected {c.rejected}; errors {totals.errors}",
+        f"duplicates {c.duplicates} ({c.already_rejected} already dead-lettered), "
+        f"rejected {c.rejected}; errors {totals.errors}",
         highlight=False,
         soft_wrap=True,
     )
@@ -298,7 +299,10 @@ def _stats_data(stats: Stats) -> dict[str, Any]:
         "duplicates": stats.duplicates,
         "rejected": stats.rejected,
         "consistent": stats.consistent,
+        "already_rejected": stats.already_rejected,
         "rejected_by_reason": dict(stats.rejected_by_reason),
+        "dead_letters": dict(stats.dead_letters),
+        "retried": dict(stats.retried),
         "consume": dict(stats.consume),
         "projection_lag": {
             "events": stats.lag_events,
@@ -331,6 +335,14 @@ def stats(
     rows += [
         {"metric": f"rejected: {k}", "value": v} for k, v in data["rejected_by_reason"].items()
     ]
+    rows.append(
+        {
+            "metric": "already dead-lettered (counted as duplicates)",
+            "value": data["already_rejected"],
+        }
+    )
+    rows += [{"metric": f"dead letters: {k}", "value": v} for k, v in data["dead_letters"].items()]
+    rows += [{"metric": f"retried: {k}", "value": v} for k, v in data["retried"].items()]
     rows += [{"metric": f"consume: {k}", "value": v} for k, v in data["consume"].items()]
     lag = data["projection_lag"]
     rows.append({"metric": "projection lag (events)", "value": lag["events"]})

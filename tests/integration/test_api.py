@@ -259,6 +259,35 @@ async def test_append_validates_before_the_log(db_url: str) -> None:
         assert (await ledger.append([good])).duplicates == 1
 
 
+async def test_strict_ingest_appends_nothing_when_a_record_is_bad(db_url: str) -> None:
+    records = [
+        instrument(ES, "0.25", "12.50"),
+        fill("S-1", "BUY", "1", "5000.25", "10:00"),
+        fill("S-2", "BUY", "1", "5000.10", "10:01"),  # off the tick grid
+    ]
+    async with await Ledger.connect(db_url) as ledger:
+        refused = await ledger.ingest(records, strict=True)
+        assert (refused.received, refused.appended, refused.rejected) == (3, 0, 1)
+        assert (refused.withheld, refused.already_rejected, refused.not_appended) == (2, 0, 1)
+        assert refused.as_dict() == {
+            "received": 3,
+            "appended": 0,
+            "duplicates": 0,
+            "rejected": 1,
+            "already_rejected": 0,
+            "withheld": 2,
+        }
+        assert await ledger.log() == []
+        again = await ledger.ingest(records, strict=True)  # the same records, same source
+        assert (again.rejected, again.already_rejected, again.duplicates) == (0, 1, 1)
+        assert len(await ledger.rejected()) == 1
+        done = await ledger.ingest(records[:2], strict=True)
+        assert (done.appended, done.withheld) == (2, 0)
+        stats = await ledger.stats()
+        assert (stats.received, stats.rejected, stats.already_rejected) == (4, 1, 1)
+        assert stats.consistent and stats.dead_letters == {"pending": 1, "resolved": 0}
+
+
 async def test_events_yields_the_log_then_what_is_appended_live(db_url: str) -> None:
     async with await Ledger.connect(db_url) as ledger:
         await ledger.ingest([instrument(ES, "0.25", "12.50")])

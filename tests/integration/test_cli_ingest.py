@@ -39,8 +39,8 @@ def ledger(
     )
 
 
-def as_json(result: subprocess.CompletedProcess[str]) -> Any:
-    assert result.returncode == 0, result.stderr
+def as_json(result: subprocess.CompletedProcess[str], status: int = 0) -> Any:
+    assert result.returncode == status, result.stderr
     return json.loads(result.stdout)
 
 
@@ -81,12 +81,14 @@ def test_every_rejected_class_is_dead_lettered_and_counts_add_up(
     lines = [INSTRUMENT, GOOD_FILL, *(b[0] for b in BAD_LINES), GOOD_FILL]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    counts = as_json(ledger(cli_env, "ingest", str(path), "--format", "json"))
+    counts = as_json(ledger(cli_env, "ingest", str(path), "--format", "json"), 4)
     assert counts == {
         "received": len(lines),
         "appended": 2,
         "duplicates": 1,
         "rejected": len(BAD_LINES),
+        "already_rejected": 0,
+        "withheld": 0,
     }
     assert counts["received"] == counts["appended"] + counts["duplicates"] + counts["rejected"]
     rejected = as_json(ledger(cli_env, "rejected", "--format", "json"))
@@ -148,8 +150,15 @@ def test_conflicting_reingest_is_dead_lettered_not_lost(
     ledger(cli_env, "ingest", "-", stdin=(INSTRUMENT + "\n" + GOOD_FILL + "\n").encode())
     changed = tmp_path / "changed.jsonl"
     changed.write_text(fill(price="6065.50") + "\n" + fill(exec_id="T-2") + "\n")
-    counts = as_json(ledger(cli_env, "ingest", str(changed), "--format", "json"))
-    assert counts == {"received": 2, "appended": 1, "duplicates": 0, "rejected": 1}
+    counts = as_json(ledger(cli_env, "ingest", str(changed), "--format", "json"), 4)
+    assert counts == {
+        "received": 2,
+        "appended": 1,
+        "duplicates": 0,
+        "rejected": 1,
+        "already_rejected": 0,
+        "withheld": 0,
+    }
     rejected = as_json(ledger(cli_env, "rejected", "--format", "json"))
     assert [r["reason"] for r in rejected] == ["IDEMPOTENCY_CONFLICT"]
 
@@ -159,7 +168,7 @@ def test_retry_reingests_once_the_instrument_is_defined(
 ) -> None:
     path = tmp_path / "early.jsonl"
     path.write_text(GOOD_FILL + "\n")
-    counts = as_json(ledger(cli_env, "ingest", str(path), "--format", "json"))
+    counts = as_json(ledger(cli_env, "ingest", str(path), "--format", "json"), 4)
     assert counts["rejected"] == 1
     still = as_json(ledger(cli_env, "rejected", "--retry", "--format", "json"))
     assert [r["status"] for r in still] == ["pending"]

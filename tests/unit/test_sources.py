@@ -349,6 +349,67 @@ def test_forced_csv_without_type_column_rejects_header_and_rows() -> None:
     assert "no 'type' column" in results[0].message  # type: ignore[union-attr]
 
 
+CSV_ROWS = (
+    b"fill,203,ES,E1,BUY,1,5000.25,2025-01-21T16:00:00+00:00\n"
+    b"fill,203,ES,E2,SELL,1,5000.50,2025-01-21T16:01:00+00:00\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("header", "needle"),
+    [
+        (b"Type,account,contract,exec_id,side,qty,price,occurred_at", "column 1 'Type'"),
+        (b"type,account,contract,exec id,side,qty,price,occurred_at", "column 4 'exec id'"),
+        (b"kind,account,contract,exec_id,side,qty,price,occurred_at", "no 'type' column"),
+    ],
+)
+def test_a_wrong_csv_header_is_a_csv_error_naming_the_column_not_invalid_json(
+    header: bytes, needle: str
+) -> None:
+    results = _run(header + b"\n" + CSV_ROWS)  # format auto-detected
+    assert [(r.ref.line, type(r).__name__) for r in results] == [
+        (1, "Rejected"),
+        (2, "Rejected"),
+        (3, "Rejected"),
+    ]
+    for r in results:
+        assert isinstance(r, Rejected)
+        assert r.reason is RejectReason.INVALID_RECORD, (r.reason, r.message)
+        assert "CSV header" in r.message and needle in r.message, r.message
+        assert r.input_format == "csv"
+    assert results[1].raw == CSV_ROWS.splitlines()[0]
+
+
+def test_a_broken_first_json_line_does_not_turn_json_lines_into_csv() -> None:
+    data = b"garbage, more garbage\n" + GOOD_FILL.encode() + b"\n"
+    results = _run(data)
+    assert [type(r).__name__ for r in results] == ["Rejected", "Parsed"]
+    assert results[0].reason is RejectReason.INVALID_JSON  # type: ignore[union-attr]
+
+
+def test_csv_records_carry_their_header_and_reparse_reads_them_as_csv() -> None:
+    header = b"type,account,contract,exec_id,side,qty,price,occurred_at"
+    results = _run(header + b"\n" + CSV_ROWS)
+    columns = tuple(header.decode().split(","))
+    assert all(r.input_format == "csv" and r.csv_header == columns for r in results)
+    first = results[0]
+    assert isinstance(first, Parsed)
+    again = sources.reparse(first.raw, first.ref, "csv", columns)
+    assert [type(r).__name__ for r in again] == ["Parsed"]
+    assert again[0].event == first.event  # type: ignore[union-attr]
+    # read as JSON instead (what a retry did before): not JSON at all
+    as_json = sources.reparse(first.raw, first.ref, "auto", None)
+    assert as_json[0].reason is RejectReason.INVALID_JSON  # type: ignore[union-attr]
+    headless = sources.reparse(first.raw, first.ref, "csv", None)
+    assert isinstance(headless[0], Rejected) and "no usable header" in headless[0].message
+
+
+def test_json_records_carry_their_format() -> None:
+    [parsed] = _run(GOOD_FILL.encode() + b"\n", "native")
+    assert isinstance(parsed, Parsed) and parsed.input_format == "native"
+    assert parsed.csv_header is None
+
+
 # --------------------------------------------------------------------------- rejections
 
 NAIVE = "2025-01-21T16:00:00"
