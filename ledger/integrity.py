@@ -58,11 +58,19 @@ from ledger.events import (
 )
 from ledger.store import (
     GENESIS_HASH,
-    TX_AT_SQL,
     EventStore,
     chain_hash,
+    chain_page,
     driver_connection,
     encode_event,
+    recorded_at_of,
+    seal_page,
+    seal_payloads,
+    seal_rows,
+    snapshot_xmin,
+    stream_heads,
+    tx_at,
+    tx_ids_of,
 )
 
 __all__ = [
@@ -84,42 +92,6 @@ SEAL_FORMULA = 2
 """The formula every new seal uses (see the module's docstring)."""
 
 _PAGE = 5000
-
-_VERIFY_PAGE = """
-SELECT global_position, stream, stream_version, event_id::text, payload::text,
-       content_digest, hash, type, schema_version,
-       extract(epoch FROM occurred_at)::numeric::text
-FROM events WHERE (stream, stream_version) > ($1, $2)
-ORDER BY stream, stream_version LIMIT $3
-"""
-_HEADS = "SELECT stream, version, last_hash FROM streams ORDER BY stream"
-_XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
-# ORDER BY names the table's columns: bare ``tx_id`` would be the output's cast, which
-# no index has, and every page would sort the rest of the log (0.8 s a page at 1M).
-# Times as exact epoch text: no session setting changes it, no year is out of range.
-_SEAL_PAGE = """
-SELECT tx_id::text::bigint, global_position, event_id::text, hash, type, schema_version,
-       extract(epoch FROM occurred_at)::numeric::text,
-       extract(epoch FROM recorded_at)::numeric::text,
-       causation_id::text, correlation_id::text
-FROM events
-WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
-  AND tx_id < $3::text::xid8
-ORDER BY events.tx_id, events.global_position LIMIT $4
-"""
-_SEALS = """
-SELECT global_position, payload::text FROM events WHERE type = 'seal' ORDER BY global_position
-"""
-# The seals, through their stream's index (filtering the log by type would scan it).
-_SEALS_IN_STREAM = """
-SELECT payload::text FROM events WHERE stream = 'seal/log' AND type = 'seal'
-ORDER BY stream_version
-"""
-_TX_AT = TX_AT_SQL  # owned by ledger.store
-_TX_OF = """
-SELECT global_position, tx_id::text::bigint FROM events WHERE global_position = ANY($1::bigint[])
-"""
-
 
 # ------------------------------------------------------------------ seals
 
@@ -143,7 +115,7 @@ def _seal_step(digest: bytes, position: int, event_id: str, event_hash: bytes) -
 
 
 def _seal_step_2(digest: bytes, row: asyncpg.Record) -> bytes:
-    """Formula 2: also every column the hash chain does not cover (a _SEAL_PAGE row)."""
+    """Formula 2: also every column the hash chain does not cover (a ``seal_page`` row)."""
     tx, position, event_id, event_hash, kind, schema, occurred, recorded, cause, corr = row
     columns = "\x00".join((kind, occurred, recorded, cause or "", corr or ""))
     return hashlib.sha256(
@@ -171,9 +143,9 @@ async def compute_seal(conn: asyncpg.Connection) -> tuple[SealInfo, bool] | None
     Returns:
         None for an empty log.
     """
-    xmin = await conn.fetchval(_XMIN)
+    xmin = await snapshot_xmin(conn)
     last: dict[str, Any] | None = None
-    for (payload,) in await conn.fetch(_SEALS_IN_STREAM):
+    for (payload,) in await seal_payloads(conn):
         seal = orjson.loads(payload)
         if last is None or seal["through_position"] > last["through_position"]:
             last = seal
@@ -184,7 +156,7 @@ async def compute_seal(conn: asyncpg.Connection) -> tuple[SealInfo, bool] | None
     continued = False  # from the last seal: every row read comes after it
     if last is not None:
         last_seal = int(last["through_position"])
-        sealed_tx = await conn.fetchval(_TX_AT, last_seal)
+        sealed_tx = await tx_at(conn, last_seal)
         # a seal of the first formula cannot be gone on from: formula 2 starts afresh
         if sealed_tx is not None and last.get("formula") == SEAL_FORMULA:
             digest = bytes.fromhex(last["digest"])
@@ -193,7 +165,7 @@ async def compute_seal(conn: asyncpg.Connection) -> tuple[SealInfo, bool] | None
             continued = True
     fresh = False
     while True:
-        rows = await conn.fetch(_SEAL_PAGE, str(tx), pos, str(xmin), _PAGE)
+        rows = await seal_page(conn, (tx, pos), xmin, _PAGE)
         if not rows:
             break
         for row in rows:
@@ -204,7 +176,7 @@ async def compute_seal(conn: asyncpg.Connection) -> tuple[SealInfo, bool] | None
         tx, pos = rows[-1][0], rows[-1][1]
     if count == 0:
         return None
-    recorded = await conn.fetchval("SELECT recorded_at FROM events WHERE global_position = $1", pos)
+    recorded = await recorded_at_of(conn, pos)
     return SealInfo(pos, tx, count, digest.hex(), recorded), fresh or last_seal == 0
 
 
@@ -239,7 +211,7 @@ async def append_seal(engine: AsyncEngine) -> LogSealed | None:
 async def latest_seal(conn: asyncpg.Connection) -> LogSealed | None:
     """Return the seal that reaches furthest into the log, or None when there is none."""
     best: LogSealed | None = None
-    for (payload,) in await conn.fetch(_SEALS_IN_STREAM):
+    for (payload,) in await seal_payloads(conn):
         try:
             seal = event_from_stored(orjson.loads(payload))
         except (ValidationError, ValueError):
@@ -359,7 +331,7 @@ async def _verify_chains(
 ) -> None:
     key: tuple[str, int] = ("", 0)
     while True:
-        rows = await conn.fetch(_VERIFY_PAGE, key[0], key[1], _PAGE)
+        rows = await chain_page(conn, key[0], key[1], _PAGE)
         if not rows:
             return
         report.events += len(rows)
@@ -544,7 +516,7 @@ def _epoch(at: datetime) -> Decimal:
 async def _verify_heads(
     conn: asyncpg.Connection, report: VerifyReport, last: dict[str, tuple[int, bytes, int]]
 ) -> None:
-    heads = {r[0]: (r[1], bytes(r[2])) for r in await conn.fetch(_HEADS)}
+    heads = {r[0]: (r[1], bytes(r[2])) for r in await stream_heads(conn)}
     for stream in sorted(heads.keys() | last.keys()):
         head = heads.get(stream)
         seen = last.get(stream)
@@ -587,7 +559,7 @@ async def _verify_heads(
 
 async def _verify_seals(conn: asyncpg.Connection, report: VerifyReport) -> None:
     seals: list[tuple[int | None, LogSealed]] = []
-    for position, payload in await conn.fetch(_SEALS):
+    for position, payload in await seal_rows(conn):
         try:
             event = event_from_stored(orjson.loads(payload))
         except (ValidationError, ValueError):
@@ -614,7 +586,7 @@ async def _check_seals(
     """
     if not seals:
         return
-    tx_of = {r[0]: r[1] for r in await conn.fetch(_TX_OF, [s.through_position for _, s in seals])}
+    tx_of = await tx_ids_of(conn, [s.through_position for _, s in seals])
     pending: dict[tuple[int, int], list[tuple[int | None, LogSealed]]] = defaultdict(list)
     for position, seal in seals:
         tx = tx_of.get(seal.through_position)
@@ -639,7 +611,7 @@ async def _check_seals(
     tx, pos = 0, 0
     xmin = end[0] + 1
     while (tx, pos) < end:
-        rows = await conn.fetch(_SEAL_PAGE, str(tx), pos, str(xmin), _PAGE)
+        rows = await seal_page(conn, (tx, pos), xmin, _PAGE)
         if not rows:
             break
         for row in rows:

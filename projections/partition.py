@@ -34,7 +34,7 @@ from ledger.db import make_engine
 from ledger.settings import Settings
 from ledger.store import Checkpoint, LightRow, driver_connection
 from projections import store as sql
-from projections.runner import ProjectionRunner
+from projections.pipeline import Projector
 
 __all__ = ["PartitionRunner", "WorkerConfig", "main"]
 
@@ -71,7 +71,7 @@ class WorkerConfig:
         return cls(**orjson.loads(text))
 
 
-class PartitionRunner(ProjectionRunner):
+class PartitionRunner(Projector):
     """A runner that projects one part of the streams, up to its part's end."""
 
     def __init__(self, engine: AsyncEngine, config: WorkerConfig, end: Checkpoint) -> None:

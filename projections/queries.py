@@ -35,6 +35,15 @@ import orjson
 
 from ledger.errors import StreamFaulted
 from ledger.events import FillBusted, FillCorrected, FillRecorded, event_from_stored
+from ledger.store import (
+    first_fill_of,
+    instrument_payload,
+    latest_mark,
+    stream_rows_known_at,
+    stream_tail_as_known_at,
+    stream_tail_as_of,
+    stream_trade_payloads,
+)
 from ledger.values import point_value
 from projections.faults import UNFOLDABLE, StreamFault, culprit_in_events
 from projections.pagefold import replay_rows, stream_row
@@ -50,7 +59,15 @@ from projections.positions import (
     replay,
     unrealized,
 )
-from projections.store import SERVING, stream_faults
+from projections.store import (
+    history_records,
+    pnl_daily_records,
+    pnl_fill_records,
+    position_records,
+    serving_generation,
+    snapshot_before,
+    stream_faults,
+)
 
 __all__ = [
     "Clock",
@@ -63,6 +80,7 @@ __all__ = [
     "instrument_grid",
     "pnl_rows",
     "position_rows",
+    "serving_generation",
     "stream_at",
 ]
 
@@ -72,104 +90,6 @@ StreamEvent = FillRecorded | FillBusted | FillCorrected
 _FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 _NO_POSITION = 2**63 - 1  # above every log position
 _SNAPSHOT_TRIES = 3  # snapshots tried, each earlier than the fill the last one restated
-
-POSITIONS = """
-SELECT stream, account, contract, state::text FROM proj_positions
-WHERE generation = $1 AND ($2::text IS NULL OR account = $2) AND ($3::text IS NULL OR contract = $3)
-ORDER BY account, contract
-"""
-INSTRUMENT = """
-SELECT payload::text FROM events WHERE stream = 'instrument/' || $1 AND type = 'instrument'
-ORDER BY global_position LIMIT 1
-"""
-MARK = """
-SELECT payload->>'price', occurred_at FROM events
-WHERE stream = 'instrument/' || $1 AND type = 'mark' AND occurred_at <= $2 AND recorded_at <= $3
-ORDER BY occurred_at DESC, global_position DESC LIMIT 1
-"""
-# ($4, $5): only a snapshot whose last fill sorts before this key (a fill it must not
-# hold, because a later row changes or precedes it); far future for any.
-SNAPSHOT_AS_OF = """
-SELECT known_position, key_occurred_at, state::text FROM proj_snapshots
-WHERE generation = $1 AND stream = $2 AND key_occurred_at <= $3
-  AND (key_occurred_at, key_position) < ($4, $5)
-ORDER BY key_occurred_at DESC, known_position DESC LIMIT 1
-"""
-SNAPSHOT_AS_KNOWN_AT = """
-SELECT known_position, key_occurred_at, state::text FROM proj_snapshots
-WHERE generation = $1 AND stream = $2 AND known_recorded_at <= $3
-  AND (key_occurred_at, key_position) < ($4, $5)
-ORDER BY known_position DESC, key_position DESC LIMIT 1
-"""
-# The earliest (in event order) of the fills some executions recorded.
-FIRST_FILL_OF = """
-SELECT occurred_at, global_position FROM events
-WHERE stream = $1 AND type = 'fill' AND payload->>'exec_id' = ANY($2::text[])
-ORDER BY occurred_at, global_position LIMIT 1
-"""
-# After a snapshot: everything recorded after it (fills up to T are kept by the caller).
-# The snapshot holds every fill logged up to its position that still stands, so nothing
-# at or before that position may come back: a fill busted there must stay out.
-# A bust or correction of a fill that happened after T changes nothing at T: it is left
-# out here, or else (its fill not being in the tail) the caller would replay the whole
-# stream. Such a fill is logged after the snapshot, whose fills all sort at or before T.
-TAIL_AS_OF = """
-WITH tail AS (
-    SELECT global_position, type, occurred_at, payload FROM events
-    WHERE stream = $1 AND type IN ('fill', 'bust', 'correction') AND global_position > $2
-)
-SELECT global_position, payload::text FROM tail
-WHERE CASE WHEN type = 'fill' THEN occurred_at <= $3
-      ELSE payload->>'exec_id' NOT IN (
-          SELECT payload->>'exec_id' FROM tail WHERE type = 'fill' AND occurred_at > $3)
-      END
-ORDER BY global_position
-"""
-# The whole stream's rows, for a state only (no effects): parsed without pydantic.
-REPLAY_ROWS = """
-SELECT global_position, type, payload::text, recorded_at FROM events
-WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
-  AND recorded_at <= $2
-ORDER BY global_position
-"""
-REPLAY_AS_OF = """
-SELECT global_position, payload::text FROM events
-WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
-ORDER BY global_position
-"""
-TAIL_AS_KNOWN_AT = """
-SELECT global_position, payload::text FROM events
-WHERE stream = $1 AND global_position > $2 AND type IN ('fill', 'bust', 'correction')
-  AND recorded_at <= $3
-ORDER BY global_position
-"""
-REPLAY_AS_KNOWN_AT = """
-SELECT global_position, payload::text FROM events
-WHERE stream = $1 AND type IN ('fill', 'bust', 'correction') AND recorded_at <= $2
-ORDER BY global_position
-"""
-PNL_DAILY = """
-SELECT account, contract, day, realized_fifo, realized_wac, fees, fills FROM proj_pnl_daily
-WHERE generation = $1 AND ($2::text IS NULL OR account = $2)
-  AND ($3::date IS NULL OR day >= $3) AND ($4::date IS NULL OR day <= $4)
-ORDER BY account, contract, day
-"""
-PNL_FILLS = """
-SELECT account, contract, day, exec_id, position, occurred_at, realized_fifo, realized_wac, fees
-FROM proj_history
-WHERE generation = $1 AND kind = 'detail' AND ($2::text IS NULL OR account = $2)
-  AND ($3::date IS NULL OR day >= $3) AND ($4::date IS NULL OR day <= $4)
-ORDER BY account, contract, occurred_at, position
-"""
-HISTORY = """
-SELECT position, kind, exec_id, occurred_at, day, side, qty, price, qty_before, qty_after,
-       realized_fifo, realized_wac, cum_realized_fifo, cum_realized_wac, fees
-FROM proj_history
-WHERE generation = $1 AND stream = $2
-  AND ($3::timestamptz IS NULL OR occurred_at >= $3)
-  AND ($4::timestamptz IS NULL OR occurred_at <= $4)
-ORDER BY occurred_at, position
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,17 +104,11 @@ class StreamView:
     replayed: bool = False
 
 
-async def serving_generation(conn: asyncpg.Connection) -> int | None:
-    """Return the serving generation, or None before anything was projected."""
-    generation: int | None = await conn.fetchval(SERVING)
-    return generation
-
-
 async def instrument_grid(
     conn: asyncpg.Connection, contract: str
 ) -> tuple[Decimal, Decimal] | None:
     """Return a contract's (point value, tick size) from its instrument event, if any."""
-    payload = await conn.fetchval(INSTRUMENT, contract)
+    payload = await instrument_payload(conn, contract)
     if payload is None:
         return None
     data = orjson.loads(payload)
@@ -204,7 +118,7 @@ async def instrument_grid(
 
 async def instrument_currency(conn: asyncpg.Connection, contract: str) -> str:
     """Return a contract's currency from its instrument event (USD when undefined)."""
-    payload = await conn.fetchval(INSTRUMENT, contract)
+    payload = await instrument_payload(conn, contract)
     if payload is None:
         return "USD"
     currency: str = orjson.loads(payload).get("currency") or "USD"
@@ -272,16 +186,11 @@ async def _fault_at(
     """Find the event that keeps ``stream`` from folding on ``clock`` at ``at``."""
     when = at or _FAR_FUTURE
     if clock == "as_known_at":
-        events = _decode(await conn.fetch(REPLAY_AS_KNOWN_AT, stream, when))
+        events = _decode(await stream_trade_payloads(conn, stream, when))
     else:
-        rows = (
-            await conn.fetch(REPLAY_AS_OF, stream)
-            if recorded_by is None
-            else await conn.fetch(REPLAY_AS_KNOWN_AT, stream, recorded_by)
-        )
         events = [
             (p, e)
-            for p, e in _decode(rows)
+            for p, e in _decode(await stream_trade_payloads(conn, stream, recorded_by))
             if not isinstance(e, FillRecorded) or e.occurred_at <= when
         ]
     grid = await instrument_grid(conn, stream.split("/", 1)[1])
@@ -305,7 +214,7 @@ async def _streams_in_scope(
 ) -> list[str]:
     """Return the streams a query over (account, contract) covers on a past clock:
     projected ones and faulted ones (which may fold at an earlier time)."""
-    projected = [r[0] for r in await conn.fetch(POSITIONS, generation, account, contract)]
+    projected = [r[0] for r in await position_records(conn, generation, account, contract)]
     faulted = [f.stream for f in await stream_faults(conn, generation, account, contract)]
     return sorted(set(projected) | set(faulted), key=lambda s: tuple(s.split("/", 1)))
 
@@ -348,40 +257,39 @@ async def _stream_at(
     if clock == "as_of" and recorded_by is not None:
         events = [
             (p, e)
-            for p, e in _decode(await conn.fetch(REPLAY_AS_KNOWN_AT, stream, recorded_by))
+            for p, e in _decode(await stream_trade_payloads(conn, stream, recorded_by))
             if not isinstance(e, FillRecorded) or e.occurred_at <= when
         ]
         state, effects = replay(account, contract, point_value, tick_size, events)
         return StreamView(state, tuple(effects), replayed=True)
     known_at = clock == "as_known_at"
     if not with_effects:
-        snap_sql = SNAPSHOT_AS_KNOWN_AT if known_at else SNAPSHOT_AS_OF
         before: tuple[datetime, int] = (_FAR_FUTURE, _NO_POSITION)
         for _ in range(_SNAPSHOT_TRIES):
-            snap = await conn.fetchrow(snap_sql, generation, stream, when, *before)
+            snap = await snapshot_before(conn, generation, stream, known_at, when, before)
             if snap is None:
                 break
             state = PositionState.from_json(orjson.loads(snap["state"]))
             known = snap["known_position"]
             if known_at:
-                tail_rows = await conn.fetch(TAIL_AS_KNOWN_AT, stream, known, when)
+                tail_rows = await stream_tail_as_known_at(conn, stream, known, when)
             else:
-                tail_rows = await conn.fetch(TAIL_AS_OF, stream, known, when)
+                tail_rows = await stream_tail_as_of(conn, stream, known, when)
             folded = _fold_tail(state, _decode(tail_rows), known_at, when)
             if isinstance(folded, PositionState):
                 return StreamView(folded)
             # the tail changes a fill the snapshot holds: an earlier snapshot may not
             if isinstance(folded, list):
-                first = await conn.fetchrow(FIRST_FILL_OF, stream, folded)
+                first = await first_fill_of(conn, stream, folded)
                 if first is None:
                     break
-                folded = (first[0], first[1])
+                folded = first
             before = min(before, folded)
         # the whole stream: parsed as the runner parses it, folded by the runner's fold
         rows = [
             stream_row(position, kind, payload, recorded)
-            for position, kind, payload, recorded in await conn.fetch(
-                REPLAY_ROWS, stream, when if known_at else _FAR_FUTURE
+            for position, kind, payload, recorded in await stream_rows_known_at(
+                conn, stream, when if known_at else _FAR_FUTURE
             )
         ]
         if not known_at:
@@ -389,11 +297,11 @@ async def _stream_at(
         flat = new_state(account, contract, point_value, tick_size)
         return StreamView(replay_rows(flat, rows), replayed=True)
     if known_at:
-        events = _decode(await conn.fetch(REPLAY_AS_KNOWN_AT, stream, when))
+        events = _decode(await stream_trade_payloads(conn, stream, when))
     else:
         events = [
             (p, e)
-            for p, e in _decode(await conn.fetch(REPLAY_AS_OF, stream))
+            for p, e in _decode(await stream_trade_payloads(conn, stream))
             if not isinstance(e, FillRecorded) or e.occurred_at <= when
         ]
     state, effects = replay(account, contract, point_value, tick_size, events)
@@ -437,8 +345,8 @@ async def _mark(
     now = datetime.now(UTC)
     occurred = at if clock == "as_of" and at else (at if clock == "as_known_at" and at else now)
     recorded = at if clock == "as_known_at" and at else (recorded_by or _FAR_FUTURE)
-    row = await conn.fetchrow(MARK, contract, occurred, recorded)
-    return Decimal(row[0]) if row else None
+    mark = await latest_mark(conn, contract, occurred, recorded)
+    return Decimal(mark[0]) if mark else None
 
 
 def _position_row(state: PositionState, method: Method, mark: Decimal | None) -> dict[str, Any]:
@@ -489,7 +397,7 @@ async def position_rows(
     if clock == "now":
         await _current_faults(conn, generation, account, contract, faults)
         rows = [
-            (r[0], r[2], r[3]) for r in await conn.fetch(POSITIONS, generation, account, contract)
+            (r[0], r[2], r[3]) for r in await position_records(conn, generation, account, contract)
         ]
     else:
         scope = await _streams_in_scope(conn, generation, account, contract)
@@ -551,7 +459,7 @@ async def pnl_rows(
     if clock == "now":
         await _current_faults(conn, generation, account, None, faults)
         if by == "fill":
-            for r in await conn.fetch(PNL_FILLS, generation, account, date_from, date_to):
+            for r in await pnl_fill_records(conn, generation, account, date_from, date_to):
                 raw.append(
                     PnlRow(
                         account=r["account"],
@@ -566,7 +474,7 @@ async def pnl_rows(
                     )
                 )
         else:
-            for r in await conn.fetch(PNL_DAILY, generation, account, date_from, date_to):
+            for r in await pnl_daily_records(conn, generation, account, date_from, date_to):
                 raw.append(
                     PnlRow(
                         account=r["account"],
@@ -636,7 +544,7 @@ async def history_rows(
     stream = f"{account}/{contract}"
     if clock == "now":
         await _current_faults(conn, generation, account, contract, None)
-        rows = await conn.fetch(HISTORY, generation, stream, time_from, time_to)
+        rows = await history_records(conn, generation, stream, time_from, time_to)
         return [
             {
                 "position": r["position"],

@@ -21,10 +21,16 @@ __all__ = [
     "SERVING",
     "PositionRow",
     "ensure_serving",
+    "history_records",
     "lock_checkpoint",
+    "pnl_daily_records",
+    "pnl_fill_records",
+    "position_records",
     "projected_states",
     "projection_status",
     "serving_checkpoint",
+    "serving_generation",
+    "snapshot_before",
     "stream_faults",
 ]
 
@@ -315,6 +321,122 @@ async def lock_checkpoint(conn: asyncpg.Connection, generation: int) -> asyncpg.
     """Lock a generation's checkpoint row for this transaction and return it."""
     row: asyncpg.Record | None = await conn.fetchrow(LOCK_CHECKPOINT, generation)
     return row
+
+
+# The time-travel reads of projections.queries: positions, snapshots, P&L, history.
+
+_POSITIONS = """
+SELECT stream, account, contract, state::text FROM proj_positions
+WHERE generation = $1 AND ($2::text IS NULL OR account = $2) AND ($3::text IS NULL OR contract = $3)
+ORDER BY account, contract
+"""
+# ($4, $5): only a snapshot whose last fill sorts before this key (a fill it must not
+# hold, because a later row changes or precedes it); far future for any.
+_SNAPSHOT_AS_OF = """
+SELECT known_position, key_occurred_at, state::text FROM proj_snapshots
+WHERE generation = $1 AND stream = $2 AND key_occurred_at <= $3
+  AND (key_occurred_at, key_position) < ($4, $5)
+ORDER BY key_occurred_at DESC, known_position DESC LIMIT 1
+"""
+_SNAPSHOT_AS_KNOWN_AT = """
+SELECT known_position, key_occurred_at, state::text FROM proj_snapshots
+WHERE generation = $1 AND stream = $2 AND known_recorded_at <= $3
+  AND (key_occurred_at, key_position) < ($4, $5)
+ORDER BY known_position DESC, key_position DESC LIMIT 1
+"""
+_PNL_DAILY = """
+SELECT account, contract, day, realized_fifo, realized_wac, fees, fills FROM proj_pnl_daily
+WHERE generation = $1 AND ($2::text IS NULL OR account = $2)
+  AND ($3::date IS NULL OR day >= $3) AND ($4::date IS NULL OR day <= $4)
+ORDER BY account, contract, day
+"""
+_PNL_FILLS = """
+SELECT account, contract, day, exec_id, position, occurred_at, realized_fifo, realized_wac, fees
+FROM proj_history
+WHERE generation = $1 AND kind = 'detail' AND ($2::text IS NULL OR account = $2)
+  AND ($3::date IS NULL OR day >= $3) AND ($4::date IS NULL OR day <= $4)
+ORDER BY account, contract, occurred_at, position
+"""
+_HISTORY = """
+SELECT position, kind, exec_id, occurred_at, day, side, qty, price, qty_before, qty_after,
+       realized_fifo, realized_wac, cum_realized_fifo, cum_realized_wac, fees
+FROM proj_history
+WHERE generation = $1 AND stream = $2
+  AND ($3::timestamptz IS NULL OR occurred_at >= $3)
+  AND ($4::timestamptz IS NULL OR occurred_at <= $4)
+ORDER BY occurred_at, position
+"""
+
+
+async def serving_generation(conn: asyncpg.Connection) -> int | None:
+    """Return the serving generation, or None before anything was projected."""
+    generation: int | None = await conn.fetchval(SERVING)
+    return generation
+
+
+async def position_records(
+    conn: asyncpg.Connection, generation: int, account: str | None, contract: str | None
+) -> list[asyncpg.Record]:
+    """Return the projected positions of ``generation`` (of one account and/or contract),
+    by account and contract: (stream, account, contract, state JSON)."""
+    rows: list[asyncpg.Record] = await conn.fetch(_POSITIONS, generation, account, contract)
+    return rows
+
+
+async def snapshot_before(
+    conn: asyncpg.Connection,
+    generation: int,
+    stream: str,
+    known_at: bool,
+    when: datetime,
+    before: tuple[datetime, int],
+) -> asyncpg.Record | None:
+    """Return the newest snapshot of ``stream`` at ``when`` (event time, or with
+    ``known_at`` knowledge time) whose last fill sorts before ``before`` (occurred_at,
+    position): (known_position, key_occurred_at, state JSON), or None."""
+    statement = _SNAPSHOT_AS_KNOWN_AT if known_at else _SNAPSHOT_AS_OF
+    row: asyncpg.Record | None = await conn.fetchrow(statement, generation, stream, when, *before)
+    return row
+
+
+async def pnl_daily_records(
+    conn: asyncpg.Connection,
+    generation: int,
+    account: str | None,
+    date_from: date | None,
+    date_to: date | None,
+) -> list[asyncpg.Record]:
+    """Return the daily P&L rows of ``generation`` (of one account, between two days)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        _PNL_DAILY, generation, account, date_from, date_to
+    )
+    return rows
+
+
+async def pnl_fill_records(
+    conn: asyncpg.Connection,
+    generation: int,
+    account: str | None,
+    date_from: date | None,
+    date_to: date | None,
+) -> list[asyncpg.Record]:
+    """Return the P&L of every detail history row (one per fill) of ``generation``."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        _PNL_FILLS, generation, account, date_from, date_to
+    )
+    return rows
+
+
+async def history_records(
+    conn: asyncpg.Connection,
+    generation: int,
+    stream: str,
+    time_from: datetime | None,
+    time_to: datetime | None,
+) -> list[asyncpg.Record]:
+    """Return the history rows of ``stream`` in ``generation`` between two times."""
+    rows: list[asyncpg.Record] = await conn.fetch(_HISTORY, generation, stream, time_from, time_to)
+    return rows
 
 
 class PositionRow(NamedTuple):

@@ -31,8 +31,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger.events import Event, FillBusted, FillCorrected, FillRecorded, parse_event
 from ledger.settings import Settings
 from ledger.store import UncheckedEventStore, driver_connection
+from projections import cache as cache_module  # (where the runner restates streams)
 from projections import queries
-from projections import runner as runner_module
 from projections.positions import replay
 from projections.runner import ProjectionRunner
 
@@ -453,7 +453,7 @@ async def test_restatements_from_marks_rewrite_the_same_history_as_a_pure_replay
     )
     from_mark: list[bool] = []
     partial: list[Any] = []  # replays the trimmed journal could not serve
-    restate = runner_module.restate_stream
+    restate = cache_module.restate_stream
 
     def watching(*args: Any) -> Any:
         marks = args[6]
@@ -466,7 +466,7 @@ async def test_restatements_from_marks_rewrite_the_same_history_as_a_pure_replay
             from_mark.append(at is not None and (at, position - 1) in keys)
         return restated
 
-    monkeypatch.setattr(runner_module, "restate_stream", watching)
+    monkeypatch.setattr(cache_module, "restate_stream", watching)
     runner = ProjectionRunner(engine, settings, batch_size=7, snapshot_every=4)
     runner.mark_every = 2
     log += await append_catching_up(store, runner, events, rng)

@@ -236,7 +236,7 @@ def _fold(pf: ModuleType, pos: ModuleType, rows: list[LightRow]) -> dict[str, An
             events = journal[stream]
             mine = marks.get(stream)
             folded = page.effects.get(stream)
-            first = (folded[0][2], folded[0][1]) if folded else None
+            first = (folded[0][pf.E_OCCURRED_AT], folded[0][pf.E_POSITION]) if folded else None
             restated = pf.restate_stream(
                 state, events, first_new[stream], True, day_of, None, mine, first
             )
@@ -426,3 +426,64 @@ def test_json_text_is_the_to_json_text_compiled_and_source(
 def test_iso_text_is_isoformat_compiled_and_source(at: datetime) -> None:
     for pf in (pagefold, SOURCE_PAGEFOLD):
         assert pf._iso_text(at) == at.isoformat()
+
+
+def test_the_effect_indexes_name_the_fields_the_fold_writes() -> None:
+    """``E_*`` index an effect by name: each gives the field the fold puts there (for
+    a fill folded incrementally and for the same fill replayed by a restatement)."""
+    tick = Decimal("0.25")
+    for pf, pos in ((pagefold, positions), (SOURCE_PAGEFOLD, SOURCE_POSITIONS)):
+        cache: OrderedDict[str, Any] = OrderedDict()
+
+        def new_state(
+            stream: str, account: str, contract: str, pos: Any = pos, cache: Any = cache
+        ) -> Any:
+            state = pos.new_state(account, contract, point_value(Decimal("12.5"), tick), tick)
+            cache[stream] = state
+            return state
+
+        def add_instrument(_: dict[str, Any]) -> None:
+            pass
+
+        occurred = "2024-03-04T14:00:02.5+00:00"
+        payload = {
+            "account": "ACC1",
+            "contract": "ES",
+            "exec_id": "E7",
+            "side": "SELL",
+            "qty": "2",
+            "price": "5000.25",
+            "fee": "1.40",
+            "occurred_at": occurred,
+        }
+        row = LightRow(7, 3, "ACC1/ES", "fill", orjson.dumps(payload).decode(), T0)
+        scope = pf.FoldScope(cache, {}, None, set(), 64, new_state, add_instrument)
+        page = pf.Page(Checkpoint(3, 7))
+        pf.fold_rows(scope, page, [row], 0, 1)
+        (folded,) = page.effects["ACC1/ES"]
+        events = [pf.stream_row(7, "fill", row.payload, T0)]
+        flat = pos.new_state("ACC1", "ES", point_value(Decimal("12.5"), tick), tick)
+        restated = pf.restate_stream(flat, events, 7, True, lambda at: at.date())
+        assert restated is not None
+        (replayed,) = restated.effects
+        for effect in (folded, replayed):
+            assert len(effect) == pf.EFFECT_FIELDS
+            named = {
+                pf.E_EXEC_ID: "E7",
+                pf.E_POSITION: 7,
+                pf.E_OCCURRED_AT: datetime.fromisoformat(occurred),
+                pf.E_SIDE: "SELL",
+                pf.E_FEE: Decimal("1.40"),
+                pf.E_QTY_BEFORE: Decimal(0),
+                pf.E_QTY_AFTER: Decimal(-2),
+                pf.E_REALIZED_FIFO: Decimal(0),
+                pf.E_REALIZED_WAC: Decimal(0),
+                pf.E_QTY_TEXT: "2",
+                pf.E_PRICE_TEXT: "5000.25",
+                pf.E_FEE_TEXT: "1.40",
+            }
+            assert {i: effect[i] for i in named} == named
+            assert datetime.fromisoformat(effect[pf.E_OCCURRED_TEXT]) == named[pf.E_OCCURRED_AT]
+        assert folded[pf.E_OCCURRED_TEXT] == occurred  # the payload's own text
+        # every field is named, each by its own index
+        assert sorted([*named, pf.E_OCCURRED_TEXT]) == list(range(pf.EFFECT_FIELDS))
