@@ -127,7 +127,7 @@ async def instrument_currency(conn: asyncpg.Connection, contract: str) -> str:
 
 async def instrument_display(conn: asyncpg.Connection, contract: str) -> tuple[Decimal, str] | None:
     """Return a contract's (tick size, currency) from its instrument event, if any."""
-    payload = await conn.fetchval(INSTRUMENT, contract)
+    payload = await instrument_payload(conn, contract)
     if payload is None:
         return None
     data = orjson.loads(payload)
