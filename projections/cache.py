@@ -36,6 +36,7 @@ from projections.pagefold import (
     E_OCCURRED_AT,
     E_POSITION,
     MARK_EVERY,
+    R_RECORDED_AT,
     FoldScope,
     Marks,
     Page,
@@ -458,7 +459,7 @@ class StreamCache:
             page.seed[stream] = restated.seed
         self._cache[stream] = state
         self._cache.move_to_end(stream)
-        latest = max((e[8] for e in events), default=None)
+        latest = max((e[R_RECORDED_AT] for e in events), default=None)
         known = self._known.get(stream)
         if latest is None or (known is not None and known > latest):
             latest = known  # (a trimmed journal's rows need not hold the latest)

@@ -41,6 +41,16 @@ __all__ = [
     "E_SIDE",
     "MARK_EVERY",
     "MARK_KEEP",
+    "R_EXEC_ID",
+    "R_FEE",
+    "R_OCCURRED_AT",
+    "R_POSITION",
+    "R_PRICE",
+    "R_QTY",
+    "R_RECORDED_AT",
+    "R_SIDE",
+    "R_TYPE",
+    "STREAM_ROW_FIELDS",
     "Effect",
     "FoldScope",
     "Forget",
@@ -92,7 +102,19 @@ StreamRow = tuple[int, str, str, datetime, str, Decimal, Decimal, Decimal, datet
 """A fill, bust or correction row of a stream, parsed once: (log position, type,
 exec_id, occurred_at, side text ("" unless a fill), qty, price, fee (zeros on a bust),
 recorded_at). What the runner's journal keeps and restatements replay, with no JSON
-left to parse; decimals are shared through the page cache."""
+left to parse; decimals are shared through the page cache. Read it through the ``R_*``
+indexes (constants mypyc folds, like ``E_*``)."""
+
+R_POSITION: Final = 0  # int: the row's log position
+R_TYPE: Final = 1  # str: "fill", "bust" or "correction"
+R_EXEC_ID: Final = 2  # str: the execution id
+R_OCCURRED_AT: Final = 3  # datetime: the broker's time
+R_SIDE: Final = 4  # str: "BUY" / "SELL" on a fill, "" otherwise
+R_QTY: Final = 5  # Decimal (zero on a bust)
+R_PRICE: Final = 6  # Decimal (zero on a bust)
+R_FEE: Final = 7  # Decimal (zero on a bust)
+R_RECORDED_AT: Final = 8  # datetime: when the log recorded it
+STREAM_ROW_FIELDS: Final = 9
 
 
 Forget = tuple[date, datetime | None, int]
@@ -199,18 +221,21 @@ def trim_journal(rows: list[StreamRow], marks: Marks) -> int:
     oldest_at, oldest_position = marks.points[0].key
     keep_from = -1
     for row in rows:
-        # (row[3], row[0]) > the mark's key, without a tuple per row
+        # (row[R_OCCURRED_AT], row[R_POSITION]) > the mark's key, without a tuple per row
         if (
-            row[1] == "fill"
-            and (row[3] > oldest_at or (row[3] == oldest_at and row[0] > oldest_position))
-            and (keep_from < 0 or row[0] < keep_from)
+            row[R_TYPE] == "fill"
+            and (
+                row[R_OCCURRED_AT] > oldest_at
+                or (row[R_OCCURRED_AT] == oldest_at and row[R_POSITION] > oldest_position)
+            )
+            and (keep_from < 0 or row[R_POSITION] < keep_from)
         ):
-            keep_from = row[0]
+            keep_from = row[R_POSITION]
     before = len(rows)
     if keep_from < 0:
         rows.clear()  # every fill is at or before the mark: later rows come later
     else:
-        rows[:] = [row for row in rows if row[0] >= keep_from]
+        rows[:] = [row for row in rows if row[R_POSITION] >= keep_from]
     removed = before - len(rows)
     if removed:
         marks.trimmed = True
@@ -809,25 +834,28 @@ def _standing(
     corrected: dict[str, StreamRow] = {}
     touched: set[str] = set()
     for row in events:
-        position = row[0]
-        kind = row[1]
-        exec_id = row[2]
+        position = row[R_POSITION]
+        kind = row[R_TYPE]
+        exec_id = row[R_EXEC_ID]
         if position >= first_new:
             touched.add(exec_id)
         if kind == "fill":
             earlier = recorded.get(exec_id)
-            if earlier is None or position < earlier[0]:
+            if earlier is None or position < earlier[R_POSITION]:
                 recorded[exec_id] = row
         elif kind == "bust":
             busted.add(exec_id)
         else:
             latest = corrected.get(exec_id)
-            if latest is None or (row[3], position) > (latest[3], latest[0]):
+            if latest is None or (row[R_OCCURRED_AT], position) > (
+                latest[R_OCCURRED_AT],
+                latest[R_POSITION],
+            ):
                 corrected[exec_id] = row
     fills = []
     keys: dict[str, tuple[datetime, int]] = {}
     for exec_id, row in recorded.items():
-        keys[exec_id] = (row[3], row[0])
+        keys[exec_id] = (row[R_OCCURRED_AT], row[R_POSITION])
         if exec_id in busted:
             continue
         correction = corrected.get(exec_id)
@@ -835,12 +863,12 @@ def _standing(
         fills.append(
             FillInput(
                 exec_id=exec_id,
-                side=_SIDES[row[4]],
-                qty=source[5],
-                price=source[6],
-                fee=source[7],
-                occurred_at=row[3],
-                position=row[0],
+                side=_SIDES[row[R_SIDE]],
+                qty=source[R_QTY],
+                price=source[R_PRICE],
+                fee=source[R_FEE],
+                occurred_at=row[R_OCCURRED_AT],
+                position=row[R_POSITION],
             )
         )
     fills.sort(key=_fill_key)

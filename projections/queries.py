@@ -46,7 +46,7 @@ from ledger.store import (
 )
 from ledger.values import point_value
 from projections.faults import UNFOLDABLE, StreamFault, culprit_in_events
-from projections.pagefold import replay_rows, stream_row
+from projections.pagefold import R_OCCURRED_AT, R_TYPE, replay_rows, stream_row
 from projections.pnl import PnlRow, aggregate, trading_day
 from projections.positions import (
     FillEffect,
@@ -293,7 +293,7 @@ async def _stream_at(
             )
         ]
         if not known_at:
-            rows = [r for r in rows if r[1] != "fill" or r[3] <= when]
+            rows = [r for r in rows if r[R_TYPE] != "fill" or r[R_OCCURRED_AT] <= when]
         flat = new_state(account, contract, point_value, tick_size)
         return StreamView(replay_rows(flat, rows), replayed=True)
     if known_at:

@@ -487,3 +487,34 @@ def test_the_effect_indexes_name_the_fields_the_fold_writes() -> None:
         assert folded[pf.E_OCCURRED_TEXT] == occurred  # the payload's own text
         # every field is named, each by its own index
         assert sorted([*named, pf.E_OCCURRED_TEXT]) == list(range(pf.EFFECT_FIELDS))
+
+
+def test_the_stream_row_indexes_name_the_fields_a_row_is_parsed_into() -> None:
+    """``R_*`` index a journal row by name, for a fill, a correction and a bust."""
+    occurred = "2024-03-04T14:00:02.5+00:00"
+    at = datetime.fromisoformat(occurred)
+    base = {"account": "A", "contract": "ES", "exec_id": "E7", "occurred_at": occurred}
+    fill = {**base, "side": "BUY", "qty": "2", "price": "5000.25", "fee": "1.40"}
+    correction = {**base, "qty": "3", "price": "5000.50", "fee": "0.62"}
+    cases = [
+        ("fill", fill, "BUY", Decimal(2), Decimal("5000.25"), Decimal("1.40")),
+        ("correction", correction, "", Decimal(3), Decimal("5000.50"), Decimal("0.62")),
+        ("bust", base, "", Decimal(0), Decimal(0), Decimal(0)),
+    ]
+    for pf in (pagefold, SOURCE_PAGEFOLD):
+        for kind, payload, side, qty, price, fee in cases:
+            row = pf.stream_row(9, kind, orjson.dumps(payload).decode(), T0)
+            assert len(row) == pf.STREAM_ROW_FIELDS
+            named = {
+                pf.R_POSITION: 9,
+                pf.R_TYPE: kind,
+                pf.R_EXEC_ID: "E7",
+                pf.R_OCCURRED_AT: at,
+                pf.R_SIDE: side,
+                pf.R_QTY: qty,
+                pf.R_PRICE: price,
+                pf.R_FEE: fee,
+                pf.R_RECORDED_AT: T0,
+            }
+            assert {i: row[i] for i in named} == named
+            assert sorted(named) == list(range(pf.STREAM_ROW_FIELDS))
