@@ -9,6 +9,7 @@ prometheus-client's own parser, then compared with ``ledger stats --format json`
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ from test_consume import (
 )
 
 NATS_PASSWORD = "n4ts-s3cret"
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -321,3 +323,57 @@ def test_a_taken_metrics_port_is_one_clear_error(cli_env: dict[str, str]) -> Non
         result = invoke("project", "--follow", "--metrics-port", str(port))
     assert result.exit_code == 2, result.output
     assert f"--metrics-port: cannot listen on 127.0.0.1:{port}" in result.output
+
+
+def _start_nats(port: int, store: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as handle:
+        proc = subprocess.Popen(
+            [NATS_SERVER, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    wait_until(lambda: not port_closed(port), 15, "nats-server listening")
+    return proc
+
+
+def _stop_nats(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_nats_restart_flips_readyz_and_counts_a_reconnect(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """NATS goes away: /readyz 503 naming it; it comes back: 200, and one reconnect counted."""
+    if not Path(NATS_SERVER).exists():
+        pytest.skip("nats-server is not installed")
+    nats_port, port = free_port(), free_port()
+    store, nats_log = tmp_path / "jetstream", tmp_path / "nats-server.log"
+    nats = _start_nats(nats_port, store, nats_log)
+    log = tmp_path / "consume.log"
+    proc = start_consumer(
+        cli_env, f"nats://127.0.0.1:{nats_port}", log, "--metrics-port", str(port)
+    )
+    try:
+        wait_until(lambda: answers(port) and ready(port)[0] == 200, 60, "/readyz 200")
+        assert scrape(port)["ledger_reconnects_total{target=nats}"] == 0
+        _stop_nats(nats)
+        wait_until(lambda: ready(port)[0] == 503, 30, "/readyz 503 with NATS down")
+        assert "nats: not connected" in ready(port)[1]["reasons"]
+        assert scrape(port)["ledger_nats_connected"] == 0
+        nats = _start_nats(nats_port, store, nats_log)
+        wait_until(lambda: ready(port)[0] == 200, 60, "/readyz 200 again")
+        metrics = scrape(port)
+        assert metrics["ledger_reconnects_total{target=nats}"] == 1
+        assert metrics["ledger_nats_connected"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = wait_exit(proc, log)
+        _stop_nats(nats)
+    assert code == 0, log.read_text()[-4000:]
+    # the process's count is the feed's persisted counter too (flushed at exit)
+    assert stats_json(cli_env)["consume"]["nats_reconnects"] == 1
