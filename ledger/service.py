@@ -59,6 +59,7 @@ __all__ = [
     "LedgerCollector",
     "LogFormat",
     "MaskingFormatter",
+    "Probes",
     "Readiness",
     "ServiceOptions",
     "configure_logging",
@@ -389,7 +390,6 @@ class HealthServer:
         self.registry.register(self.collector)
         ProcessCollector(registry=self.registry)
         self._server: asyncio.Server | None = None
-        self._lock = asyncio.Lock()
 
     @property
     def port(self) -> int | None:
@@ -437,9 +437,9 @@ class HealthServer:
     async def metrics(self) -> bytes:
         """Return the exposition of one scrape (read now, rendered at once)."""
         reading = await self.read()
-        async with self._lock:  # one rendering at a time sees its own reading
-            self.collector.reading = reading
-            return generate_latest(self.registry)
+        # no await from here on: no other scrape can swap the reading while it renders
+        self.collector.reading = reading
+        return generate_latest(self.registry)
 
     async def readiness(self) -> Readiness:
         """Return whether the process is ready, and why not."""
