@@ -101,21 +101,13 @@ def stats_json(env: dict[str, str]) -> dict[str, Any]:
 
 def assert_metrics_match_stats(metrics: dict[str, float], stats: dict[str, Any]) -> None:
     """Every ledger value of the scrape equals what ``ledger stats`` says."""
-    for name in ("received", "appended", "duplicates", "rejected"):
+    for name in ("received", "appended", "duplicates", "rejected", "already_rejected"):
         assert metrics[f"ledger_{name}_total"] == stats[name], name
-    by_reason = {
-        key.split("reason=", 1)[1].rstrip("}"): value
-        for key, value in metrics.items()
-        if key.startswith("ledger_rejected_by_reason_total{")
-    }
-    assert by_reason == stats["rejected_by_reason"]
-    consume = {
-        key.split("counter=", 1)[1].rstrip("}"): value
-        for key, value in metrics.items()
-        if key.startswith("ledger_consume_total{")
-    }
-    assert consume == stats["consume"]
-    assert metrics["ledger_dead_letters_pending"] == stats["dead_letters_pending"]
+    assert labelled(metrics, "ledger_rejected_by_reason_total") == stats["rejected_by_reason"]
+    assert labelled(metrics, "ledger_consume_total") == stats["consume"]
+    assert labelled(metrics, "ledger_retried_total") == stats["retried"]
+    assert labelled(metrics, "ledger_dead_letters") == stats["dead_letters"]
+    assert metrics["ledger_dead_letters_pending"] == stats["dead_letters"]["pending"]
     assert metrics["ledger_projection_lag_events"] == stats["projection_lag"]["events"]
     assert metrics["ledger_projection_lag_seconds"] == pytest.approx(
         stats["projection_lag"]["seconds"], abs=0.001
@@ -123,6 +115,15 @@ def assert_metrics_match_stats(metrics: dict[str, float], stats: dict[str, Any])
     assert metrics["ledger_faulted_streams"] == len(stats["faulted_streams"])
     last = datetime.fromisoformat(stats["last_append_at"]).timestamp()
     assert metrics["ledger_last_append_timestamp_seconds"] == pytest.approx(last, abs=1e-6)
+
+
+def labelled(metrics: dict[str, float], name: str) -> dict[str, float]:
+    """Return the samples of ``name`` (one label) as {label value: value}."""
+    return {
+        key.split("=", 1)[1].rstrip("}"): value
+        for key, value in metrics.items()
+        if key.startswith(name + "{")
+    }
 
 
 def port_closed(port: int) -> bool:
