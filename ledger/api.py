@@ -77,6 +77,7 @@ from ledger.store import (
     dead_letter_statuses,
     driver_connection,
     encode_event,
+    last_recorded_at,
     log_lag,
     read_counters,
     rejected_rows,
@@ -406,6 +407,8 @@ class Stats:
     ``ledger rejected --retry`` did (``resolved`` dead letters, their events
     ``appended`` and ``duplicates``); on a ledger whose counters began with its dead
     letters, ``rejected`` = pending + resolved and ``retried["resolved"]`` = resolved.
+    ``last_append_at`` is the record time of the newest event in the log (what the
+    service metrics show as ``ledger_last_append_timestamp_seconds``).
     """
 
     received: int
@@ -423,6 +426,7 @@ class Stats:
     already_rejected: int = 0
     dead_letters: Mapping[str, int] = field(default_factory=dict)
     retried: Mapping[str, int] = field(default_factory=dict)
+    last_append_at: datetime | None = None
 
     @property
     def consistent(self) -> bool:
@@ -1136,6 +1140,7 @@ class Ledger:
         async with self._conn() as conn:
             counters = {r["name"]: r for r in await read_counters(conn)}
             dead_letters = await dead_letter_statuses(conn)
+            last_append_at = await last_recorded_at(conn)
             serving = await serving_checkpoint(conn)
             faults: list[StreamFault] = []
             if serving is None:  # nothing projected yet: every event is behind
@@ -1181,6 +1186,7 @@ class Ledger:
             retried={
                 name: value(f"retried.{name}") for name in ("resolved", "appended", "duplicates")
             },
+            last_append_at=last_append_at,
         )
 
 

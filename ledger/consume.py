@@ -26,7 +26,8 @@ error text, so one poison message cannot stall the feed. NATS reconnects by itse
 (``max_reconnect_attempts=-1``); fetch errors are retried with the same backoff.
 
 The consumer's own counters (``consume.messages``, ``consume.batches``,
-``consume.errors``, ``consume.db_retries``, ``consume.nats_disconnects``) are kept in
+``consume.errors``, ``consume.db_retries``, ``consume.nats_disconnects``,
+``consume.nats_reconnects``) are kept in
 memory and upserted into ``counters`` every few seconds by a separate task, never on
 the write path. (The ingest counters ``received``/``appended``/... are bumped by the
 ingester inside each batch's own transaction.)
@@ -145,6 +146,7 @@ class ConsumeTotals:
     errors: int = 0
     db_retries: int = 0
     nats_disconnects: int = 0
+    nats_reconnects: int = 0
     counts: IngestCounts = field(default_factory=IngestCounts)
     last_error: str = ""
     last_error_at: datetime | None = None
@@ -157,6 +159,7 @@ class ConsumeTotals:
             "consume.errors": self.errors,
             "consume.db_retries": self.db_retries,
             "consume.nats_disconnects": self.nats_disconnects,
+            "consume.nats_reconnects": self.nats_reconnects,
         }
 
 
@@ -243,6 +246,11 @@ class Consumer:
     def idled_out(self) -> bool:
         """Return whether the last run ended because of ``idle_exit``."""
         return self._idle
+
+    @property
+    def nats_connected(self) -> bool:
+        """Return whether the feed is connected to NATS now (for ``/readyz``)."""
+        return self._nc is not None and bool(self._nc.is_connected) and not self._closing
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -559,6 +567,7 @@ class Consumer:
         log.warning("nats: disconnected; reconnecting")
 
     async def _on_reconnected(self) -> None:
+        self.totals.nats_reconnects += 1
         url = self._nc.connected_url if self._nc else None
         log.info("nats: reconnected to %s", url.geturl() if url else "?")
 

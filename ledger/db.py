@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode
 
 import asyncpg
@@ -465,7 +465,12 @@ class Reconnect:
     Call :meth:`failed` with each transient failure (it returns the delay, or raises
     :class:`DatabaseUnavailable` once the failures have lasted longer than the
     window) and :meth:`succeeded` when the step went through.
+
+    :attr:`failures` counts every retry of the process (all instances): the
+    ``ledger_reconnects_total{target="database"}`` metric of a running service.
     """
+
+    failures: ClassVar[int] = 0
 
     def __init__(self, what: str, *, window: float | None = None, first: float = 0.1) -> None:
         self.what = what
@@ -485,6 +490,7 @@ class Reconnect:
         if self.since is None:
             self.since = now
         self.attempts += 1
+        Reconnect.failures += 1
         if now - self.since > self.window:
             raise DatabaseUnavailable(
                 f"gave up {self.what} after {self.attempts} attempts in "

@@ -17,7 +17,8 @@ Every message names the field and the value that was wrong.
     │                            correction or bust of the named execution
     ├── EmbeddedPostgresError    the private cluster cannot be created or started
     │   └── ServerBinariesMissing  no initdb/pg_ctl on this machine
-    └── ConsumeError             the live feed cannot be set up
+    ├── ConsumeError             the live feed cannot be set up
+    └── ServiceError             the metrics and health endpoint cannot listen
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "NotMigrated",
     "RejectReason",
     "ServerBinariesMissing",
+    "ServiceError",
     "StoreError",
     "StreamFaulted",
 ]
@@ -140,6 +142,10 @@ class ServerBinariesMissing(EmbeddedPostgresError):
 
 class ConsumeError(LedgerError):
     """The live feed cannot be set up (a stream that does not carry the subject, ...)."""
+
+
+class ServiceError(LedgerError):
+    """The metrics and health endpoint cannot listen (port taken, address not ours)."""
 
 
 class StreamFaulted(LedgerError):

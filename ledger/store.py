@@ -70,6 +70,7 @@ __all__ = [
     "ensure_log_statistics",
     "fill_streams",
     "has_fills_by",
+    "last_recorded_at",
     "latest_reconciliation",
     "log_lag",
     "mark_price_at",
@@ -758,6 +759,8 @@ SELECT count(*), extract(epoch FROM now() - min(recorded_at))::float8 FROM event
 WHERE (tx_id, global_position) > ($1::text::xid8, $2::bigint)
 """
 _LAG_ALL = "SELECT count(*), extract(epoch FROM now() - min(recorded_at))::float8 FROM events"
+# the newest row by the primary key's index: no scan of the log
+_LAST_RECORDED = "SELECT recorded_at FROM events ORDER BY global_position DESC LIMIT 1"
 
 
 async def checkpoint_at(conn: asyncpg.Connection, position: int) -> Checkpoint:
@@ -779,6 +782,12 @@ async def log_lag(conn: asyncpg.Connection, after: Checkpoint | None) -> tuple[i
     else:
         row = await conn.fetchrow(_LAG_AFTER, str(after.tx_id), after.position)
     return int(row[0]), row[1]
+
+
+async def last_recorded_at(conn: asyncpg.Connection) -> datetime | None:
+    """Return the record time of the newest event in the log (None: the log is empty)."""
+    at: datetime | None = await conn.fetchval(_LAST_RECORDED)
+    return at
 
 
 # -------------------------------------------------- the read side's reads of the log

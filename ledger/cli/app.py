@@ -10,6 +10,7 @@ unmigrated database with an error that names ``ledger db init``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 from datetime import UTC, datetime
@@ -27,7 +28,12 @@ from ledger.cli.common import (
     AsOf,
     FormatOption,
     InputKind,
+    LogFormatOption,
+    MetricsHostOption,
+    MetricsPortOption,
     OutputFormat,
+    ReadyLagEventsOption,
+    ReadyLagSecondsOption,
     app,
     connect,
     database_url,
@@ -40,6 +46,7 @@ from ledger.cli.common import (
     parse_times,
     progress_bar,
     run,
+    service_options,
     warn_faulted,
     write_csv,
 )
@@ -47,6 +54,13 @@ from ledger.cli.demo import DayPlan, generate_day, try_next
 from ledger.db import current_revision, head_revision, make_engine, migrate, migrate_embedded
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
+from ledger.service import (
+    DEFAULT_METRICS_HOST,
+    DEFAULT_READY_LAG_EVENTS,
+    DEFAULT_READY_LAG_SECONDS,
+    configure_logging,
+    serve,
+)
 from ledger.settings import Settings
 from projections.faults import StreamFault
 
@@ -421,11 +435,28 @@ def project(
     follow: Annotated[
         bool, typer.Option("--follow", help="Keep projecting new events live.")
     ] = False,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = DEFAULT_METRICS_HOST,
+    ready_lag_events: ReadyLagEventsOption = DEFAULT_READY_LAG_EVENTS,
+    ready_lag_seconds: ReadyLagSecondsOption = DEFAULT_READY_LAG_SECONDS,
+    log_format: LogFormatOption = None,
 ) -> None:
-    """Catch the projections up with the log (and follow it with --follow)."""
+    """Catch the projections up with the log (and follow it with --follow).
+
+    With --follow, --metrics-port serves /metrics, /healthz and /readyz from the start
+    (the first catch-up included) and --log-format json logs one JSON object a line.
+    """
+    if log_format is not None:
+        configure_logging(log_format.value, (Settings().database_url,))
+    service = service_options(
+        metrics_port if follow else None, metrics_host, ready_lag_events, ready_lag_seconds
+    )
 
     async def _project() -> int:
-        async with await connect() as ledger:
+        async with (
+            await connect() as ledger,
+            serve(service, ledger.stats, secrets_of=(Settings().database_url,)),
+        ):
             with progress_bar("projecting") as advance:
                 applied = await ledger.project(advance)  # and seals the log as projected
             if not follow:
@@ -434,7 +465,10 @@ def project(
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            err.print("[dim]following the log; Ctrl-C to stop[/]")
+            if log_format is None:
+                err.print("[dim]following the log; Ctrl-C to stop[/]")
+            else:
+                logging.getLogger("ledger.project").info("following the log")
             await ledger.follow(stop)
             return applied
 

@@ -37,6 +37,7 @@ from ledger.api import Instrument, Ledger
 from ledger.display import AVERAGE_EXTRA_PLACES, COLUMN_KINDS, Kind, show_row
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
+from ledger.service import ServiceOptions
 from ledger.settings import Settings
 from projections.faults import StreamFault
 
@@ -45,7 +46,13 @@ __all__ = [
     "AsOf",
     "FormatOption",
     "InputKind",
+    "LogFormatChoice",
+    "LogFormatOption",
+    "MetricsHostOption",
+    "MetricsPortOption",
     "OutputFormat",
+    "ReadyLagEventsOption",
+    "ReadyLagSecondsOption",
     "TableOrJson",
     "app",
     "connect",
@@ -66,6 +73,7 @@ __all__ = [
     "progress_bars",
     "readable",
     "run",
+    "service_options",
     "standby",
     "warn_faulted",
     "write_csv",
@@ -445,3 +453,47 @@ AsOf = Annotated[
 AsKnownAt = Annotated[
     str | None, typer.Option("--as-known-at", help="Knowledge time: only what was recorded by T.")
 ]
+
+
+# ------------------------------------------------- long-running commands as services
+# ``ledger consume`` and ``ledger project --follow`` (see ledger.service).
+
+
+class LogFormatChoice(StrEnum):
+    text = "text"
+    json = "json"
+
+
+MetricsPortOption = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        max=65535,
+        help="Serve /metrics (Prometheus), /healthz and /readyz on this TCP port.",
+    ),
+]
+MetricsHostOption = Annotated[
+    str, typer.Option(help="Address the metrics and health port listens on.")
+]
+ReadyLagEventsOption = Annotated[
+    int, typer.Option(min=0, help="/readyz: ready while at most this many events are unprojected.")
+]
+ReadyLagSecondsOption = Annotated[
+    float,
+    typer.Option(min=0, help="/readyz: ready while the oldest unprojected event is this young."),
+]
+LogFormatOption = Annotated[
+    LogFormatChoice | None,
+    typer.Option(
+        "--log-format",
+        envvar="LEDGER_LOG_FORMAT",
+        help="Log lines as text or json (one object a line); secrets masked.",
+    ),
+]
+
+
+def service_options(
+    port: int | None, host: str, lag_events: int, lag_seconds: float
+) -> ServiceOptions:
+    """Return the metrics and health options of a long-running command."""
+    return ServiceOptions(port, host, lag_events, lag_seconds)

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import multiprocessing
 import signal
-import sys
 from enum import StrEnum
 from multiprocessing.connection import Connection
 from typing import Annotated, Any
@@ -18,10 +17,16 @@ from typing import Annotated, Any
 import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.api import Stats
+from ledger.api import Ledger, Stats
 from ledger.cli.common import (
     FormatOption,
+    LogFormatChoice,
+    LogFormatOption,
+    MetricsHostOption,
+    MetricsPortOption,
     OutputFormat,
+    ReadyLagEventsOption,
+    ReadyLagSecondsOption,
     app,
     connect,
     dumps,
@@ -31,6 +36,7 @@ from ledger.cli.common import (
     open_engine,
     out,
     run,
+    service_options,
     write_csv,
 )
 from ledger.consume import (
@@ -43,6 +49,15 @@ from ledger.consume import (
     ConsumeTotals,
 )
 from ledger.db import make_engine
+from ledger.service import (
+    DEFAULT_METRICS_HOST,
+    DEFAULT_READY_LAG_EVENTS,
+    DEFAULT_READY_LAG_SECONDS,
+    LogFormat,
+    Probes,
+    configure_logging,
+    serve,
+)
 from ledger.settings import Settings
 from projections.runner import ProjectionRunner
 
@@ -59,12 +74,8 @@ class FeedFormat(StrEnum):
     projectx = "projectx"
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _configure_logging(fmt: LogFormat = "text", secrets_of: tuple[str | None, ...] = ()) -> None:
+    configure_logging(fmt, (Settings().database_url, *secrets_of))
 
 
 class _ProjectionProcess:
@@ -85,11 +96,14 @@ class _ProjectionProcess:
     SIGTERM sent to it alone stops it early (the parent then catches up itself).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, log_format: LogFormat = "text") -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a running event loop
         reader, self._stop_writer = ctx.Pipe(duplex=False)
         self._process = ctx.Process(
-            target=_follow_in_child, args=(url, reader), name="ledger-projections", daemon=False
+            target=_follow_in_child,
+            args=(url, reader, log_format),
+            name="ledger-projections",
+            daemon=False,
         )
         self._process.start()
         reader.close()  # the child holds its own copy: the parent's end alone can stop it
@@ -134,14 +148,14 @@ class _ProjectionProcess:
         self._process.join(5)
 
 
-def _follow_in_child(url: str, stop_reader: Connection) -> None:
+def _follow_in_child(url: str, stop_reader: Connection, log_format: LogFormat = "text") -> None:
     """Run in the child process: follow the log until told to stop, then catch up.
 
     Raises:
         SystemExit: with status 1 when the runner failed (the parent logs it).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    _configure_logging()
+    _configure_logging(log_format, (url,))
     if not asyncio.run(_follow_until_told(url, stop_reader)):
         raise SystemExit(1)
 
@@ -225,9 +239,16 @@ def consume(
     input_format: Annotated[
         FeedFormat, typer.Option("--input", "-i", help="Payload format; auto detects it.")
     ] = FeedFormat.auto,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = DEFAULT_METRICS_HOST,
+    ready_lag_events: ReadyLagEventsOption = DEFAULT_READY_LAG_EVENTS,
+    ready_lag_seconds: ReadyLagSecondsOption = DEFAULT_READY_LAG_SECONDS,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Append a NATS JetStream feed to the log: ack after the write, batch, drain on SIGTERM."""
-    _configure_logging()
+    fmt: LogFormat = "json" if log_format == LogFormatChoice.json else "text"
+    _configure_logging(fmt, tuple(servers.split(",")))
+    service = service_options(metrics_port, metrics_host, ready_lag_events, ready_lag_seconds)
     options = ConsumeOptions(
         servers=tuple(s.strip() for s in servers.split(",") if s.strip()),
         stream=stream,
@@ -259,12 +280,22 @@ def consume(
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, _on_signal, sig.name)
             url = engine.url.render_as_string(hide_password=False)
-            projector = None if no_project else _ProjectionProcess(url)
+            consumer = Consumer(engine, options)
+            probes = Probes(
+                nats_connected=lambda: consumer.nats_connected,
+                nats_reconnects=lambda: consumer.totals.nats_reconnects,
+            )
+            secrets = (url, *options.servers)
+            projector = None
             try:
-                totals = await Consumer(engine, options).run(stop)
-                if projector is not None:
-                    await projector.stop()
-                    await _final_catch_up(engine)
+                async with serve(
+                    service, Ledger(engine, Settings()).stats, probes, secrets_of=secrets
+                ):
+                    projector = None if no_project else _ProjectionProcess(url, fmt)
+                    totals = await consumer.run(stop)
+                    if projector is not None:
+                        await projector.stop()
+                        await _final_catch_up(engine)
             except BaseException:
                 if projector is not None:
                     projector.abandon()  # a second signal or a failure: do not wait for it
@@ -280,13 +311,15 @@ def consume(
         err.print("[yellow]stopped without draining[/] (unacknowledged messages are redelivered)")
         raise typer.Exit(1) from None
     c = totals.counts
-    err.print(
+    line = (
         f"consumed {totals.messages} messages: received {c.received}, appended {c.appended}, "
         f"duplicates {c.duplicates} ({c.already_rejected} already dead-lettered), "
-        f"rejected {c.rejected}; errors {totals.errors}",
-        highlight=False,
-        soft_wrap=True,
+        f"rejected {c.rejected}; errors {totals.errors}"
     )
+    if fmt == "json":  # stderr stays one JSON object a line
+        log.info(line, extra={"messages": totals.messages, **c.as_dict(), "errors": totals.errors})
+        return
+    err.print(line, highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------ stats
@@ -315,6 +348,7 @@ def _stats_data(stats: Stats) -> dict[str, Any]:
         "last_error_at": stats.last_error_at,
         "last_error": stats.last_error,
         "faulted_streams": [f.as_row() for f in stats.faulted_streams],
+        "last_append_at": stats.last_append_at,
     }
 
 
@@ -353,6 +387,7 @@ def stats(
     rows.append({"metric": "projection lag (seconds)", "value": lag["seconds"]})
     rows.append({"metric": "last error at", "value": data["last_error_at"]})
     rows.append({"metric": "last error", "value": data["last_error"]})
+    rows.append({"metric": "last append at", "value": data["last_append_at"]})
     rows.append({"metric": "faulted streams", "value": len(data["faulted_streams"])})
     rows += [
         {
