@@ -94,7 +94,11 @@ app.add_typer(db_app, name="db")
 out = Console(soft_wrap=True)
 if not out.is_terminal:  # files and pipes get whole rows, not an 80-column fold
     out = Console(soft_wrap=True, width=240)
-err = Console(stderr=True)
+# Messages are never folded at the terminal's width by us: a folded line could cut a
+# file name or a URL in two (the terminal wraps long lines itself). Progress bars draw
+# on a console of their own.
+err = Console(stderr=True, soft_wrap=True)
+_bars = Console(stderr=True)
 
 
 class OutputFormat(StrEnum):
@@ -371,7 +375,7 @@ def progress_bars(
         BarColumn(),
         TextColumn("{task.completed:,.0f}"),
         TimeElapsedColumn(),
-        console=err,
+        console=_bars,
         transient=True,
     ) as bar:
         ids = [bar.add_task(description, total=total) for description, total in tasks]

@@ -163,6 +163,10 @@ def test_usage_errors_and_an_unreachable_database_exit_2(
     assert ledger(cli_env, "ingest").returncode == 2  # no FILE
     missing = ledger(cli_env, "ingest", str(tmp_path / "missing.jsonl"))
     assert missing.returncode == 2 and "missing.jsonl" in missing.stderr
+    # a path longer than a terminal line is named whole, never folded in two
+    deep = tmp_path / ("d" * 90) / "missing-too.jsonl"
+    long_missing = ledger(cli_env, "ingest", str(deep))
+    assert long_missing.returncode == 2 and str(deep) in long_missing.stderr
     unmigrated = {**cli_env, "LEDGER_DATABASE_URL": empty_db_url}
     refused = ledger(unmigrated, "ingest", str(path))
     assert refused.returncode == 2 and "ledger db init" in refused.stderr
