@@ -137,6 +137,21 @@ _RECORD_FIELDS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None,
 }
 
 
+def _labelled(
+    family: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    label: str,
+    values: Mapping[str, int],
+) -> CounterMetricFamily | GaugeMetricFamily:
+    """One metric family of ``values`` by ``label`` (in label order), its help from
+    :data:`METRICS` (counters under their ``_total`` name)."""
+    key = f"{name}_total" if family is CounterMetricFamily else name
+    metric = family(name, METRICS[key], labels=[label])
+    for value_label, value in sorted(values.items()):
+        metric.add_metric([value_label], value)
+    return metric
+
+
 class MaskingFormatter(logging.Formatter):
     """The text format, with secrets masked (see :func:`mask_urls`)."""
 
@@ -317,32 +332,12 @@ class LedgerCollector(Collector):
             yield CounterMetricFamily(
                 f"ledger_{name}", METRICS[f"ledger_{name}_total"], value=value
             )
-        by_reason = CounterMetricFamily(
-            "ledger_rejected_by_reason",
-            METRICS["ledger_rejected_by_reason_total"],
-            labels=["reason"],
+        yield _labelled(
+            CounterMetricFamily, "ledger_rejected_by_reason", "reason", stats.rejected_by_reason
         )
-        for reason, value in sorted(stats.rejected_by_reason.items()):
-            by_reason.add_metric([reason], value)
-        yield by_reason
-        retried = CounterMetricFamily(
-            "ledger_retried", METRICS["ledger_retried_total"], labels=["counter"]
-        )
-        for counter, value in sorted(stats.retried.items()):
-            retried.add_metric([counter], value)
-        yield retried
-        dead_letters = GaugeMetricFamily(
-            "ledger_dead_letters", METRICS["ledger_dead_letters"], labels=["status"]
-        )
-        for status, value in sorted(stats.dead_letters.items()):
-            dead_letters.add_metric([status], value)
-        yield dead_letters
-        consume = CounterMetricFamily(
-            "ledger_consume", METRICS["ledger_consume_total"], labels=["counter"]
-        )
-        for counter, value in sorted(stats.consume.items()):
-            consume.add_metric([counter], value)
-        yield consume
+        yield _labelled(CounterMetricFamily, "ledger_retried", "counter", stats.retried)
+        yield _labelled(GaugeMetricFamily, "ledger_dead_letters", "status", stats.dead_letters)
+        yield _labelled(CounterMetricFamily, "ledger_consume", "counter", stats.consume)
         for name, gauge in (
             ("ledger_dead_letters_pending", stats.dead_letters.get("pending", 0)),
             ("ledger_projection_lag_events", stats.lag_events),
