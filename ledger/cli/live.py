@@ -10,6 +10,7 @@ import contextlib
 import logging
 import multiprocessing
 import signal
+import time
 from enum import StrEnum
 from multiprocessing.connection import Connection
 from typing import Annotated, Any
@@ -66,6 +67,8 @@ __all__ = ["consume", "stats"]
 log = logging.getLogger("ledger.consume")
 
 _PROJECTION_STOP_WAIT = 30.0
+# a second SIGTERM/SIGINT sooner than this after the first is the same stop sent twice
+_SAME_STOP_S = 1.0
 
 
 class FeedFormat(StrEnum):
@@ -266,13 +269,17 @@ def consume(
             stop = asyncio.Event()
             main = asyncio.current_task()
             loop = asyncio.get_running_loop()
-            signals: list[str] = []
+            first_signal_at: list[float] = []
 
             def _on_signal(name: str) -> None:
-                signals.append(name)
-                if len(signals) == 1:
+                now = time.monotonic()
+                if not first_signal_at:
+                    first_signal_at.append(now)
                     log.info("%s: stopping fetch, draining the queue", name)
                     stop.set()
+                elif now - first_signal_at[0] < _SAME_STOP_S:
+                    # timeout(1) and a kill of the process group send one stop twice
+                    log.info("%s again within %.0f s: the same stop", name, _SAME_STOP_S)
                 elif main is not None:
                     log.warning("%s again: abandoning unacknowledged messages", name)
                     main.cancel()
