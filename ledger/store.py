@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import struct
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,7 +39,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.errors import ConcurrencyError, EventRejected, IdempotencyConflict
-from ledger.events import Event, InstrumentDefined, encode_content
+from ledger.events import Event, InstrumentDefined, encode_content, fill_event_id
 from ledger.schema import NOTIFY_CHANNEL
 from ledger.validation import Problem, contract_of, find_problems, wanted_executions
 
@@ -981,29 +981,33 @@ SELECT payload->>'price', occurred_at FROM events
 WHERE stream = 'instrument/' || $1 AND type = 'mark' AND occurred_at <= $2 AND recorded_at <= $3
 ORDER BY occurred_at DESC, global_position DESC LIMIT 1
 """
-# The earliest (in event order) of the fills some executions recorded.
+# The earliest (in event order) of the fills some executions recorded: found by their
+# event ids (a fill's id is derived from its account and execution id), through the
+# unique index, not by the payloads of every fill of the stream.
 _FIRST_FILL_OF = """
 SELECT occurred_at, global_position FROM events
-WHERE stream = $1 AND type = 'fill' AND payload->>'exec_id' = ANY($2::text[])
+WHERE event_id = ANY($2::text[]::uuid[]) AND stream = $1 AND type = 'fill'
 ORDER BY occurred_at, global_position LIMIT 1
 """
 # After a snapshot: everything recorded after it (fills up to T are kept by the caller).
 # The snapshot holds every fill logged up to its position that still stands, so nothing
 # at or before that position may come back: a fill busted there must stay out.
-# A bust or correction of a fill that happened after T changes nothing at T: it is left
-# out here, or else (its fill not being in the tail) the caller would replay the whole
-# stream. Such a fill is logged after the snapshot, whose fills all sort at or before T.
+# The fills up to T come from a range of ix_events_stream_fills (position filtered in
+# the index), the busts and corrections from ix_events_stream_adjustments: no row of
+# the stream is visited that the answer does not need (migration 0007).
 _TAIL_AS_OF = """
-WITH tail AS (
-    SELECT global_position, type, occurred_at, payload FROM events
-    WHERE stream = $1 AND type IN ('fill', 'bust', 'correction') AND global_position > $2
-)
-SELECT global_position, payload::text FROM tail
-WHERE CASE WHEN type = 'fill' THEN occurred_at <= $3
-      ELSE payload->>'exec_id' NOT IN (
-          SELECT payload->>'exec_id' FROM tail WHERE type = 'fill' AND occurred_at > $3)
-      END
+SELECT global_position, type, payload::text, recorded_at, payload->>'exec_id' FROM events
+WHERE stream = $1 AND type = 'fill' AND occurred_at <= $3 AND global_position > $2
+UNION ALL
+SELECT global_position, type, payload::text, recorded_at, payload->>'exec_id' FROM events
+WHERE stream = $1 AND type IN ('bust', 'correction') AND global_position > $2
 ORDER BY global_position
+"""
+# Of some executions' fills: those logged after a position that happened after T.
+_FILLS_AFTER = """
+SELECT payload->>'exec_id' FROM events
+WHERE event_id = ANY($2::text[]::uuid[]) AND stream = $1 AND type = 'fill'
+  AND global_position > $3 AND occurred_at > $4
 """
 # The whole stream's rows, for a state only (no effects): parsed without pydantic.
 _REPLAY_ROWS = """
@@ -1018,7 +1022,7 @@ WHERE stream = $1 AND type IN ('fill', 'bust', 'correction')
 ORDER BY global_position
 """
 _TAIL_AS_KNOWN_AT = """
-SELECT global_position, payload::text FROM events
+SELECT global_position, type, payload::text, recorded_at FROM events
 WHERE stream = $1 AND global_position > $2 AND type IN ('fill', 'bust', 'correction')
   AND recorded_at <= $3
 ORDER BY global_position
@@ -1111,24 +1115,43 @@ async def first_fill_of(
 ) -> tuple[datetime, int] | None:
     """Return the (occurred_at, position) of the earliest fill, in event order, that one
     of ``exec_ids`` recorded in ``stream`` (None: none did)."""
-    row = await conn.fetchrow(_FIRST_FILL_OF, stream, list(exec_ids))
+    row = await conn.fetchrow(_FIRST_FILL_OF, stream, _fill_ids(stream, exec_ids))
     return None if row is None else (row[0], row[1])
+
+
+def _fill_ids(stream: str, exec_ids: Iterable[str]) -> list[str]:
+    """Return the event ids of the fills ``exec_ids`` of ``stream``'s account."""
+    account = stream.split("/", 1)[0]
+    return [fill_event_id(account, exec_id) for exec_id in exec_ids]
 
 
 async def stream_tail_as_of(
     conn: asyncpg.Connection, stream: str, after: int, at: datetime
-) -> list[asyncpg.Record]:
+) -> list[tuple[int, str, str, datetime]]:
     """Return a stream's fills, busts and corrections after global position ``after``
-    that matter at event time ``at`` (see ``_TAIL_AS_OF``): (position, payload)."""
-    rows: list[asyncpg.Record] = await conn.fetch(_TAIL_AS_OF, stream, after, at)
-    return rows
+    that matter at event time ``at``: (position, type, payload, recorded_at), in log
+    order.
+
+    That is its fills up to ``at`` and its busts and corrections, less those of a fill
+    logged after ``after`` that happened after ``at``: such a fill changes nothing at
+    ``at``, and its adjustment (its fill not being in the tail) would send the caller to
+    replay the whole stream.
+    """
+    rows = await conn.fetch(_TAIL_AS_OF, stream, after, at)
+    fills = {r[4] for r in rows if r[1] == "fill"}
+    outside = {r[4] for r in rows if r[1] != "fill" and r[4] not in fills}
+    later: set[str] = set()
+    if outside:
+        found = await conn.fetch(_FILLS_AFTER, stream, _fill_ids(stream, outside), after, at)
+        later = {r[0] for r in found}
+    return [(r[0], r[1], r[2], r[3]) for r in rows if r[1] == "fill" or r[4] not in later]
 
 
 async def stream_tail_as_known_at(
     conn: asyncpg.Connection, stream: str, after: int, recorded_by: datetime
 ) -> list[asyncpg.Record]:
     """Return a stream's fills, busts and corrections after global position ``after``
-    recorded by ``recorded_by``: (position, payload)."""
+    recorded by ``recorded_by``: (position, type, payload, recorded_at), in log order."""
     rows: list[asyncpg.Record] = await conn.fetch(_TAIL_AS_KNOWN_AT, stream, after, recorded_by)
     return rows
 

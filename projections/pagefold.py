@@ -65,6 +65,7 @@ __all__ = [
     "fold_rows",
     "replay_rows",
     "restate_stream",
+    "standing_fills",
     "stream_row",
 ]
 
@@ -798,6 +799,12 @@ def replay_rows(state: PositionState, events: list[StreamRow]) -> PositionState:
 
 
 _NO_NEW = 1 << 62  # a log position no row reaches: no row is new
+
+
+def standing_fills(events: list[StreamRow]) -> list[FillInput]:
+    """Return the standing fills among a stream's parsed rows (any order), in event
+    order: the rules of ``projections.positions.effective_fills``, without pydantic."""
+    return _standing(events, _NO_NEW)[0]
 
 
 def _iso_text(at: datetime) -> str:

@@ -24,6 +24,7 @@ the faulted ones in its ``faults`` argument, when given.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
@@ -46,14 +47,21 @@ from ledger.store import (
 )
 from ledger.values import point_value
 from projections.faults import UNFOLDABLE, StreamFault, culprit_in_events
-from projections.pagefold import R_OCCURRED_AT, R_TYPE, replay_rows, stream_row
+from projections.pagefold import (
+    R_EXEC_ID,
+    R_OCCURRED_AT,
+    R_TYPE,
+    StreamRow,
+    replay_rows,
+    standing_fills,
+    stream_row,
+)
 from projections.pnl import PnlRow, aggregate, trading_day
 from projections.positions import (
     FillEffect,
     Method,
     PositionState,
     apply_fill,
-    effective_fills,
     is_in_order,
     new_state,
     replay,
@@ -141,7 +149,7 @@ async def _instrument(conn: asyncpg.Connection, contract: str) -> tuple[Decimal,
     return grid
 
 
-def _decode(rows: list[asyncpg.Record]) -> list[tuple[int, StreamEvent]]:
+def _decode(rows: Iterable[Any]) -> list[tuple[int, StreamEvent]]:
     out: list[tuple[int, StreamEvent]] = []
     for position, payload in rows:
         event = event_from_stored(orjson.loads(payload))
@@ -265,19 +273,30 @@ async def _stream_at(
     known_at = clock == "as_known_at"
     if not with_effects:
         before: tuple[datetime, int] = (_FAR_FUTURE, _NO_POSITION)
-        for _ in range(_SNAPSHOT_TRIES):
-            snap = await snapshot_before(conn, generation, stream, known_at, when, before)
-            if snap is None:
+        for tries in range(_SNAPSHOT_TRIES + 1):
+            snap = None
+            if tries < _SNAPSHOT_TRIES:
+                snap = await snapshot_before(conn, generation, stream, known_at, when, before)
+            if snap is not None:
+                state = PositionState.from_json(orjson.loads(snap["state"]))
+                known = snap["known_position"]
+            elif known_at:
                 break
-            state = PositionState.from_json(orjson.loads(snap["state"]))
-            known = snap["known_position"]
+            else:
+                # no snapshot before T, or none the later rows leave standing: the
+                # stream's start, and its fills up to T (not every row of it)
+                state = new_state(account, contract, point_value, tick_size)
+                known = 0
             if known_at:
-                tail_rows = await stream_tail_as_known_at(conn, stream, known, when)
+                tail_rows: Iterable[Any] = await stream_tail_as_known_at(conn, stream, known, when)
             else:
                 tail_rows = await stream_tail_as_of(conn, stream, known, when)
-            folded = _fold_tail(state, _decode(tail_rows), known_at, when)
+            tail = [stream_row(p, kind, payload, rec) for p, kind, payload, rec in tail_rows]
+            folded = _fold_tail(state, tail, known_at, when)
             if isinstance(folded, PositionState):
                 return StreamView(folded)
+            if snap is None:
+                break  # the stream does not fold from its start: the replay names why
             # the tail changes a fill the snapshot holds: an earlier snapshot may not
             if isinstance(folded, list):
                 first = await first_fill_of(conn, stream, folded)
@@ -309,7 +328,7 @@ async def _stream_at(
 
 
 def _fold_tail(
-    state: PositionState, tail: list[tuple[int, StreamEvent]], known_at: bool, when: datetime
+    state: PositionState, tail: list[StreamRow], known_at: bool, when: datetime
 ) -> PositionState | tuple[datetime, int] | list[str]:
     """Fold a snapshot's tail into it, unless the tail restates the snapshot.
 
@@ -318,17 +337,18 @@ def _fold_tail(
     that sorts before the snapshot's last fill, or a bust or correction of a fill not in
     the tail, would restate it: then the key of that fill, or the executions whose
     fills the snapshot may hold, is returned, and the caller tries an earlier snapshot
-    (or replays the whole stream).
+    (or replays the whole stream). The rows are parsed as the runner parses them (no
+    pydantic: a tail from a stream's start may hold thousands).
     """
     if not known_at:
-        tail = [(p, e) for p, e in tail if not isinstance(e, FillRecorded) or e.occurred_at <= when]
-    fills = {e.exec_id for _, e in tail if isinstance(e, FillRecorded)}
+        tail = [r for r in tail if r[R_TYPE] != "fill" or r[R_OCCURRED_AT] <= when]
+    fills = {r[R_EXEC_ID] for r in tail if r[R_TYPE] == "fill"}
     outside = sorted(
-        {e.exec_id for _, e in tail if not isinstance(e, FillRecorded) and e.exec_id not in fills}
+        {r[R_EXEC_ID] for r in tail if r[R_TYPE] != "fill" and r[R_EXEC_ID] not in fills}
     )
     if outside:
         return outside
-    for fill in effective_fills(tail):
+    for fill in standing_fills(tail):
         if not is_in_order(state, fill.occurred_at, fill.position):
             return (fill.occurred_at, fill.position)
         apply_fill(state, fill)
