@@ -436,7 +436,7 @@ def fold_rows(scope: FoldScope, page: Page, rows: list[LightRow], lo: int, hi: i
                     marks = Marks(every=scope.mark_every)
                     marks_of[stream] = marks
             try:
-                before, after, realized_fifo, realized_wac, _ = _fold_fill(
+                before, after, realized_fifo, realized_wac = _fold_fill(
                     state, exec_id, side_s == "BUY", qty, price, fee, occurred_at, position
                 )
             except FoldError:
@@ -749,7 +749,7 @@ def restate_stream(
         ):
             emitting = True
             before_day = (state.realized_fifo, state.realized_wac)
-        before, after, realized_fifo, realized_wac, _ = _fold_fill(
+        before, after, realized_fifo, realized_wac = _fold_fill(
             state, f.exec_id, f.side is Side.BUY, f.qty, f.price, f.fee, f.occurred_at, f.position
         )
         if marks is not None:

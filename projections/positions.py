@@ -434,7 +434,8 @@ def apply_fill(state: PositionState, fill: FillInput) -> FillEffect:
         OutOfOrderFill: the fill sorts at or before the last folded fill.
         FoldError: ``fill.qty`` is not greater than zero.
     """
-    before, after, realized_fifo, realized_wac, closed = _fold_fill(
+    closed: list[tuple[str, Decimal, Decimal]] = []
+    before, after, realized_fifo, realized_wac = _fold_fill(
         state,
         fill.exec_id,
         fill.side is Side.BUY,
@@ -443,6 +444,7 @@ def apply_fill(state: PositionState, fill: FillInput) -> FillEffect:
         fill.fee,
         fill.occurred_at,
         fill.position,
+        closed,
     )
     return FillEffect(
         exec_id=fill.exec_id,
@@ -469,10 +471,13 @@ def _fold_fill(
     fee: Decimal,
     occurred_at: datetime,
     position: int,
-) -> tuple[Decimal, Decimal, Decimal, Decimal, list[tuple[str, Decimal, Decimal]]]:
+    closed: list[tuple[str, Decimal, Decimal]] | None = None,
+) -> tuple[Decimal, Decimal, Decimal, Decimal]:
     """The body of :func:`apply_fill` on plain values (no per-fill objects).
 
-    Returns ``(qty_before, qty_after, realized_fifo, realized_wac, closed_lots)``.
+    Returns ``(qty_before, qty_after, realized_fifo, realized_wac)``; the lots the fill
+    closed, ``(exec_id, qty, price)`` each, are appended to ``closed`` when given (the
+    runner's fold does not want them).
     """
     if price % state.tick_size != 0:
         raise OffTickPrice(
@@ -494,7 +499,6 @@ def _fold_fill(
     before = state.signed_qty
     realized_fifo = _ZERO
     realized_wac = _ZERO
-    closed: list[tuple[str, Decimal, Decimal]] = []
 
     if not before or (before > 0) == buying:
         open_qty = qty
@@ -513,7 +517,8 @@ def _fold_fill(
             signed_take = take if lot_qty > 0 else -take
             lot_price = lot.price
             realized_fifo += signed_take * (price - lot_price) * pv
-            closed.append((lot.exec_id, take, lot_price))
+            if closed is not None:
+                closed.append((lot.exec_id, take, lot_price))
             remaining -= take
             if take == lot_abs:
                 consumed += 1
@@ -549,7 +554,7 @@ def _fold_fill(
     state.last_fill_at = occurred_at
     state.last_key = key
     state.fill_count += 1
-    return before, after, realized_fifo, realized_wac, closed
+    return before, after, realized_fifo, realized_wac
 
 
 def effective_fills(
