@@ -504,9 +504,7 @@ async def _verify_projections(
         if progress is not None:
             progress(1)
         try:
-            fresh = (
-                await stream_at(conn, generation, stream, "now", None, with_effects=True)
-            ).state
+            fresh = (await stream_at(conn, generation, stream, "now", None, snapshots=False)).state
         except StreamFaulted as exc:
             known = faulted.get(stream)
             if known is None or known.position != exc.position:

@@ -167,18 +167,24 @@ async def stream_at(
     *,
     with_effects: bool = False,
     recorded_by: datetime | None = None,
+    snapshots: bool = True,
 ) -> StreamView:
     """Return one stream's position on ``clock`` at ``at`` (snapshot + tail, exact).
 
     With ``clock="as_of"`` and ``recorded_by``: both clocks at once, the position at
-    event time ``at`` from only the events recorded by ``recorded_by``.
+    event time ``at`` from only the events recorded by ``recorded_by``. Without
+    ``snapshots`` (and without effects) the state is a replay of the stream's rows
+    from its start, parsed and folded as the runner does: what ``verify`` compares
+    the projections with.
 
     Raises:
         StreamFaulted: what the clock sees of the stream holds an event the fold
             cannot apply (or its contract has no instrument); the error names it.
     """
     try:
-        return await _stream_at(conn, generation, stream, clock, at, with_effects, recorded_by)
+        return await _stream_at(
+            conn, generation, stream, clock, at, with_effects, recorded_by, snapshots
+        )
     except UNFOLDABLE as exc:
         raise (await _fault_at(conn, stream, clock, at, recorded_by, exc)).error() from None
 
@@ -258,6 +264,7 @@ async def _stream_at(
     at: datetime | None,
     with_effects: bool,
     recorded_by: datetime | None,
+    snapshots: bool = True,
 ) -> StreamView:
     account, contract = stream.split("/", 1)
     point_value, tick_size = await _instrument(conn, contract)
@@ -273,7 +280,7 @@ async def _stream_at(
     known_at = clock == "as_known_at"
     if not with_effects:
         before: tuple[datetime, int] = (_FAR_FUTURE, _NO_POSITION)
-        for tries in range(_SNAPSHOT_TRIES + 1):
+        for tries in range(_SNAPSHOT_TRIES + 1 if snapshots else 0):
             snap = None
             if tries < _SNAPSHOT_TRIES:
                 snap = await snapshot_before(conn, generation, stream, known_at, when, before)
