@@ -40,7 +40,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, ExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field, fields
 from datetime import date, datetime
 from decimal import Decimal
@@ -745,11 +745,13 @@ class Ledger:
         async with self.store.notifications() as woken:
             while stop is None or not stop.is_set():
                 woken.clear()
-                page, after = await self.store.read_all(after, limit=batch)
-                for event in page:
-                    yield event
-                if len(page) == batch:
-                    continue
+                async with aclosing(self.store.pages(after, limit=batch)) as pages:
+                    async for page, end in pages:
+                        for event in page:
+                            yield event
+                        after = end
+                        if stop is not None and stop.is_set():
+                            return
                 waits = [asyncio.ensure_future(woken.wait())]
                 if stop is not None:
                     waits.append(asyncio.ensure_future(stop.wait()))

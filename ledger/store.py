@@ -26,9 +26,10 @@ by (transaction id, position), so an event that commits late is read late, never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import struct
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -515,6 +516,34 @@ class UncheckedEventStore:
         if batch:
             after = Checkpoint(batch[-1].tx_id, batch[-1].global_position)
         return batch, after
+
+    async def pages(
+        self, after: Checkpoint = _START, *, limit: int = 1000
+    ) -> AsyncGenerator[tuple[list[StoredEvent], Checkpoint], None]:
+        """Yield the log after ``after`` page by page, as :meth:`read_all` returns it,
+        up to its present end; each page's checkpoint with it.
+
+        While a full page is with the caller, the next one is read (on a connection of
+        its own): PostgreSQL reads and decodes while the caller folds.
+        """
+        pending: asyncio.Future[tuple[list[StoredEvent], Checkpoint]] | None = None
+        try:
+            page, after = await self.read_all(after, limit=limit)
+            while page:
+                full = len(page) == limit
+                if full:
+                    pending = asyncio.ensure_future(self.read_all(after, limit=limit))
+                yield page, after
+                if not full:
+                    return
+                assert pending is not None
+                page, after = await pending
+                pending = None
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
 
     @staticmethod
     async def read_light(conn: asyncpg.Connection, after: Checkpoint, limit: int) -> list[LightRow]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from decimal import Decimal
 
@@ -247,13 +248,17 @@ async def test_late_commit_is_read_not_skipped(
     assert early.positions[0] < naive_seen[-1]
 
 
-@pytest.mark.parametrize("run", range(3))
+@pytest.mark.parametrize(
+    ("run", "paged"), [(0, False), (1, False), (2, False), (3, True), (4, True)]
+)
 async def test_concurrent_writers_and_a_tailing_reader(
-    store: UncheckedEventStore, engine: AsyncEngine, run: int
+    store: UncheckedEventStore, engine: AsyncEngine, run: int, paged: bool
 ) -> None:
     """8 writers, thousands of events, commit order shuffled against insert order; a
     reader tailing with checkpoints sees every committed event exactly once. Batch sizes
-    straddle the store's switch from INSERT to COPY, so both write paths interleave."""
+    straddle the store's switch from INSERT to COPY, so both write paths interleave.
+    ``paged``: the reader takes ``store.pages`` (which reads the next page while the
+    reader has this one) up to the log's end, each time round."""
     writers, batches = 8, 20
     rng = random.Random(run)
     sizes = [[rng.choice([5, 20, 40, 120]) for _ in range(batches)] for _ in range(writers)]
@@ -278,7 +283,13 @@ async def test_concurrent_writers_and_a_tailing_reader(
         checkpoint = Checkpoint()
         while True:
             finished = done.is_set()
-            batch, checkpoint = await store.read_all(checkpoint, limit=rng.choice([7, 50, 200]))
+            limit = rng.choice([7, 50, 200])
+            if paged:
+                batch = []
+                async for page, checkpoint in store.pages(checkpoint, limit=limit):
+                    batch.extend(page)
+            else:
+                batch, checkpoint = await store.read_all(checkpoint, limit=limit)
             seen.extend(e.global_position for e in batch)
             if finished and not batch:
                 return
@@ -401,3 +412,27 @@ async def test_first_read_from_the_start_gives_the_log_statistics(
         assert "Sort" not in plan and "ix_events_tx_id_global_position" in plan, plan
     finally:
         await conn.close()
+
+
+async def test_pages_reads_ahead_to_the_end_and_closes_clean(store: UncheckedEventStore) -> None:
+    """``pages`` yields what ``read_all`` does, page after page, up to the log's end; a
+    reader that stops early (its next page already being read) leaves nothing running."""
+    await store.append([fill(f"P-{i}") for i in range(25)])
+    expected, after = [], Checkpoint()
+    while True:
+        page, after = await store.read_all(after, limit=10)
+        if not page:
+            break
+        expected.append(([e.global_position for e in page], after))
+    got = [([e.global_position for e in page], end) async for page, end in store.pages(limit=10)]
+    assert got == expected and [len(p) for p, _ in got] == [10, 10, 5]
+    # stopped after its first page, while the second is being read
+    async with contextlib.aclosing(store.pages(limit=10)) as pages:
+        async for page, _ in pages:
+            assert len(page) == 10
+            break
+    pending = [t for t in asyncio.all_tasks() if "read_all" in repr(t.get_coro())]
+    assert pending == []
+    # a page that ends the log exactly: one more read finds nothing, and it ends
+    got = [len(p) async for p, _ in store.pages(expected[1][1], limit=5)]
+    assert got == [5]
