@@ -176,6 +176,18 @@ def _describe(exc: BaseException) -> str:
 
 
 def _stream_sequence(msg: Msg) -> int | None:
+    """The message's JetStream stream sequence, from its ack subject.
+
+    The common subject, ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.
+    <consumer seq>.<time>.<pending>``, is split here; any other form goes through
+    nats-py's ``metadata`` (which also builds a datetime and a dataclass per message:
+    a tenth of the consumer's CPU at 15,000 messages/s).
+    """
+    reply = msg.reply
+    if reply and reply.startswith("$JS.ACK."):
+        tokens = reply.split(".")
+        if len(tokens) == 9 and tokens[5].isdigit():
+            return int(tokens[5])
     try:
         return int(msg.metadata.sequence.stream)
     except (nats.errors.NotJSMessageError, ValueError, IndexError, AttributeError):

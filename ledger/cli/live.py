@@ -310,6 +310,10 @@ def consume(
             finally:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+                    if first_signal_at:
+                        # the stop under way ends the process: the same signal once more
+                        # in its last moments must not kill it by the default action
+                        signal.signal(sig, signal.SIG_IGN)
             return totals
 
     try:

@@ -285,9 +285,10 @@ async def test_concurrent_writers_and_a_tailing_reader(
             finished = done.is_set()
             limit = rng.choice([7, 50, 200])
             if paged:
-                batch = []
-                async for page, checkpoint in store.pages(checkpoint, limit=limit):
+                batch, start = [], checkpoint
+                async for page, end in store.pages(start, limit=limit):
                     batch.extend(page)
+                    checkpoint = end
             else:
                 batch, checkpoint = await store.read_all(checkpoint, limit=limit)
             seen.extend(e.global_position for e in batch)

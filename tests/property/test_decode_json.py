@@ -86,7 +86,7 @@ def test_documents_decode_as_the_reference_does(text: str) -> None:
         '{"price": 5000.25, "qty": 1}',  # a float: never through a float
         '{"qty": 18446744073709551616}',  # beyond 64 bits: orjson makes it a float
         '{"a": 1, "a": 2.50}',  # duplicate keys: the last wins, as a Decimal
-        '[[[[1.5]]]]',
+        "[[[[1.5]]]]",
         '{"price": NaN}',
         '{"price": Infinity}',
         '{"x": "\\ud800"}',  # a lone surrogate: json takes it, orjson does not
