@@ -35,9 +35,19 @@ FILE_FILLS = 1000
 FEED_FILLS = 600
 
 
-def query(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-        return conn.execute(sql, params).fetchall()
+def query(url: str, sql: str, *params: Any, settle: float = 30.0) -> list[tuple[Any, ...]]:
+    """Run ``sql`` on the primary; a connection refused while the cluster settles after a
+    failover (seen once right after the writers had finished on the new primary) is
+    tried again for up to ``settle`` seconds."""
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+                return conn.execute(sql, params).fetchall()
+        except psycopg.OperationalError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
 
 
 def start(
@@ -109,7 +119,9 @@ def file_events(url: str) -> int:
     """How many of the file's fills (exec ids F...) are in the log so far."""
     try:
         return int(
-            query(url, "SELECT count(*) FROM events WHERE payload->>'exec_id' LIKE 'F%%'")[0][0]
+            query(
+                url, "SELECT count(*) FROM events WHERE payload->>'exec_id' LIKE 'F%%'", settle=0
+            )[0][0]
         )
     except psycopg.Error:
         return -1
