@@ -300,10 +300,18 @@ class VerifyReport:
         return not self.problems
 
 
+StreamTrades = Callable[[str, list[tuple[int, str, str]]], None]
+"""Takes a stream and its fills, busts and corrections as the chain walk read them:
+``(global position, type, payload JSON)``, in version order."""
+
+_TRADES = frozenset({"fill", "bust", "correction"})
+
+
 async def verify_log(
     conn: asyncpg.Connection,
     report: VerifyReport | None = None,
     progress: Callable[[int], None] | None = None,
+    on_stream: StreamTrades | None = None,
 ) -> VerifyReport:
     """Check the log's hash chains, stream heads and seals.
 
@@ -311,6 +319,9 @@ async def verify_log(
         conn: a connection on the ledger's database.
         report: a report to add to (a new one when None).
         progress: called with the number of events checked, page by page.
+        on_stream: called once per stream that has fills, busts or corrections, with
+            them, when the walk has read the stream's last row (the projections'
+            check replays them; the log is read once for both).
 
     Returns:
         The report; ``report.problems`` lists the hash-chain findings stream by
@@ -319,7 +330,7 @@ async def verify_log(
     """
     report = VerifyReport() if report is None else report
     last: dict[str, tuple[int, bytes, int]] = {}  # stream -> (version, hash, position)
-    await _verify_chains(conn, report, last, progress)
+    await _verify_chains(conn, report, last, progress, on_stream)
     await _verify_heads(conn, report, last)
     await _verify_seals(conn, report)
     return report
@@ -330,19 +341,33 @@ async def _verify_chains(
     report: VerifyReport,
     last: dict[str, tuple[int, bytes, int]],
     progress: Callable[[int], None] | None = None,
+    on_stream: StreamTrades | None = None,
 ) -> None:
     """Walk the chains page by page, (stream, version) order. The next page's query
     goes out before a page is checked: PostgreSQL reads it while Python checks (1.5x
     the rate of one after the other; a second connection adds nothing on top)."""
     pending = asyncio.ensure_future(chain_page(conn, "", 0, _PAGE))
+    stream = ""
+    trades: list[tuple[int, str, str]] = []
     try:
         while True:
             rows = await pending
             if not rows:
+                if trades and on_stream is not None:
+                    on_stream(stream, trades)
                 return
             pending = asyncio.ensure_future(chain_page(conn, rows[-1][1], rows[-1][2], _PAGE))
             await asyncio.sleep(0)  # the query goes out before the check starts
             _check_chain_page(rows, report, last, progress)
+            if on_stream is None:
+                continue
+            for row in rows:
+                if row[1] != stream:
+                    if trades:
+                        on_stream(stream, trades)
+                    stream, trades = row[1], []
+                if row[7] in _TRADES:
+                    trades.append((row[0], row[7], row[4]))
     finally:
         if not pending.done():
             pending.cancel()

@@ -286,6 +286,27 @@ def test_verify_names_an_edited_payload(cli_env: dict[str, str], db_url: str) ->
     assert code == 1 and refused["seal"] is None
 
 
+def test_verify_names_a_projected_position_that_differs_from_a_replay(
+    cli_env: dict[str, str], db_url: str
+) -> None:
+    """The projections' half compares each position with the stream replayed from the
+    rows the chain walk read: an edited projection is named, the others are not."""
+    seed(db_url, LOG)
+    code, report = verify()
+    assert (code, report["problems"]) == (0, [])
+    superuser(
+        db_url,
+        "UPDATE proj_positions SET state = jsonb_set(state, '{signed_qty}', '\"7\"') "
+        f"WHERE stream = 'ACC-2/{ES}'",
+    )
+    code, report = verify()
+    assert code == 1
+    mismatches = [p for p in report["problems"] if p["kind"] == "PROJECTION_MISMATCH"]
+    assert [p["stream"] for p in mismatches] == [f"ACC-2/{ES}"], report["problems"]
+    assert "signed_qty 7" in mismatches[0]["message"]
+    assert len(report["problems"]) == 1  # the log itself is intact
+
+
 def test_verify_names_a_deleted_event(cli_env: dict[str, str], db_url: str) -> None:
     seed(db_url, LOG, seal=True)
     superuser(db_url, f"DELETE FROM events WHERE global_position = {POSITION['A-3']}")
