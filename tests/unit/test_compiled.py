@@ -70,14 +70,18 @@ def test_source_modules_are_interpreted() -> None:
     assert SOURCE_PAGEFOLD._fold_fill is SOURCE_POSITIONS._fold_fill
 
 
-@pytest.mark.skipif(not can_compile, reason="no C compiler here: nothing is compiled")
+@pytest.mark.skipif(
+    not can_compile, reason="nothing is compiled (no C compiler, or LEDGER_PURE_PYTHON set)"
+)
 def test_setup_compiled_the_fold_and_it_is_in_use() -> None:
     assert projections.compiled_build(), "run `bash scripts/setup`: the fold is not compiled"
     assert projections.running_compiled()
     assert not str(positions.__file__).endswith(".py")
 
 
-@pytest.mark.skipif(not can_compile, reason="no C compiler here: nothing is compiled")
+@pytest.mark.skipif(
+    not can_compile, reason="nothing is compiled (no C compiler, or LEDGER_PURE_PYTHON set)"
+)
 def test_the_compiled_fold_imports_outside_the_source_tree(tmp_path: Path) -> None:
     """The console script runs from anywhere: every compiled piece (the modules and
     their shared runtime library) must be importable from another directory."""
