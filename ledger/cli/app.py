@@ -361,7 +361,7 @@ def positions(
                 include_flat=include_flat,
                 faults=faults,
             )
-            shown = await ledger.instruments(r.contract for r in rows) if fmt == "table" else {}
+            shown = await ledger.instruments(r.contract for r in rows)
         return [row_of(r) for r in rows], shown
 
     rows, instruments = run(_positions())
@@ -423,7 +423,7 @@ def history(
             rows = await ledger.history(
                 account, contract, time_from=start, time_to=end, as_of=at, as_known_at=known
             )
-            shown = await ledger.instruments([contract]) if fmt == "table" else {}
+            shown = await ledger.instruments([contract])
         return [row_of(r) for r in rows], shown
 
     rows, instruments = run(_history())

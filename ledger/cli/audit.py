@@ -37,6 +37,7 @@ from ledger.cli.common import (
     progress_bars,
     run,
     standby,
+    with_currency,
 )
 from ledger.display import exec_ids_shown
 from ledger.events import LogSealed, ReconciliationCompleted
@@ -239,7 +240,7 @@ def trail_command(
     async def _trail() -> tuple[list[dict[str, Any]], dict[str, Instrument]]:
         async with await connect() as ledger:
             entries = await ledger.trail(account, contract, as_of=at, as_known_at=known)
-            shown = await ledger.instruments([contract]) if fmt == "table" else {}
+            shown = await ledger.instruments([contract])
         return [row_of(e) for e in entries], shown
 
     rows, instruments = run(_trail())
@@ -270,8 +271,7 @@ def explain_command(
     async def _explain() -> dict[str, Any]:
         async with await connect() as ledger:
             found = await ledger.explain(account, contract, as_of=at, as_known_at=known)
-            if fmt == OutputFormat.table:
-                instruments.update(await ledger.instruments([contract]))
+            instruments.update(await ledger.instruments([contract]))
         data = row_of(found)
         data["lots"] = [row_of(lot) for lot in found.lots]
         if found.as_known_at is None or found.clock == "as_known_at":
@@ -282,7 +282,7 @@ def explain_command(
     lots = result.pop("lots")
     if fmt == OutputFormat.json:
         extra = {} if standby.lag is None else {"standby": standby.lag}
-        print(dumps({**result, "lots": lots, **extra}))
+        print(dumps({**with_currency(result, instruments), "lots": lots, **extra}))
         return
     if fmt == OutputFormat.csv:  # the FIFO lots; the position itself is in --format json
         emit_rows(lots, fmt, columns=[f.name for f in fields(Lot)])

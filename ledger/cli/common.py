@@ -310,6 +310,22 @@ def readable(
     inst = instruments.get(name) if isinstance(name, str) else None
     currency = row.get("currency") or (inst.currency if inst is not None else None)
     shown = show_row(row, currency=currency, tick_size=None if inst is None else inst.tick_size)
+    return _named_currency(shown, row, currency)
+
+
+def with_currency(
+    row: Mapping[str, Any], instruments: Mapping[str, Instrument], contract: str | None = None
+) -> dict[str, Any]:
+    """Return a row holding money with its instrument's ``currency`` (after ``contract``),
+    the values as they are: what JSON and CSV print, so that no amount goes without it."""
+    name = row.get("contract", contract)
+    inst = instruments.get(name) if isinstance(name, str) else None
+    return _named_currency(dict(row), row, None if inst is None else inst.currency)
+
+
+def _named_currency(
+    shown: dict[str, Any], row: Mapping[str, Any], currency: str | None
+) -> dict[str, Any]:
     has_money = any(COLUMN_KINDS.get(k) is Kind.MONEY for k in row)
     if "currency" in row or not has_money or currency is None:
         return shown
@@ -335,8 +351,14 @@ def emit_rows(
 
     CSV holds exactly what JSON holds, cell for cell (see :func:`csv_cell`). The table
     is for reading: with ``instruments`` (and ``contract`` for rows of one contract that
-    do not name it) numbers are shown by :func:`readable`; without, exactly.
+    do not name it) numbers are shown by :func:`readable`; without, exactly. With
+    ``instruments``, JSON and CSV rows that hold money name its ``currency`` too.
     """
+    if instruments is not None and fmt != "table":
+        rows = [with_currency(r, instruments, contract) for r in rows]
+        if columns is not None and rows and "currency" in rows[0] and "currency" not in columns:
+            at = list(columns).index("contract") + 1 if "contract" in columns else 0
+            columns = [*columns[:at], "currency", *columns[at:]]
     if fmt == "json":
         if standby.lag is not None:  # read from a standby: say how far behind it was
             print(dumps({"rows": list(rows), "standby": standby.lag}))

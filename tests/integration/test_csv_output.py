@@ -197,3 +197,38 @@ def test_tables_show_money_in_cents_with_its_currency_and_prices_to_the_tick(day
     # the exact values stay in JSON
     exact = {r["contract"]: r for r in as_json(invoke("positions", "--format", "json"))}
     assert exact[ES]["fees"] == "354.20" and exact[ZN]["avg_open_price"].startswith("110.03125")
+
+
+def test_json_and_csv_name_the_currency_of_every_amount(day: Path, tmp_path: Path) -> None:
+    """No amount goes out without its currency: positions, history and explain in JSON
+    and CSV carry the instrument's (the table has had the column all along)."""
+    fesx = "CON.F.EU.FESX.Z26"
+    extra = tmp_path / "eur.jsonl"
+    extra.write_bytes(
+        orjson.dumps(
+            {
+                "type": "instrument",
+                "contract": fesx,
+                "tick_size": "1",
+                "tick_value": "10",
+                "currency": "EUR",
+            }
+        )
+        + b"\n"
+        + orjson.dumps(fill("E-1", "BUY", "1", "4800", "12:00:00", contract=fesx))
+        + b"\n"
+    )
+    assert invoke("ingest", str(extra)).exit_code == 0
+    rows = as_json(invoke("positions", "--format", "json"))
+    assert {r["contract"]: r["currency"] for r in rows} == {ES: "USD", ZN: "USD", fesx: "EUR"}
+    assert list(rows[0])[:3] == ["account", "contract", "currency"]
+    table = csv_rows(invoke("positions", "--format", "csv"))
+    assert {r["contract"]: r["currency"] for r in table} == {ES: "USD", ZN: "USD", fesx: "EUR"}
+    history = as_json(
+        invoke("history", "--account", "ACC-1", "--contract", fesx, "--format", "json")
+    )
+    assert history and {h["currency"] for h in history} == {"EUR"}
+    explained = as_json(
+        invoke("explain", "--account", "ACC-1", "--contract", fesx, "--format", "json")
+    )
+    assert explained["currency"] == "EUR"
