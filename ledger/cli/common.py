@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import logging
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
@@ -37,7 +38,7 @@ from ledger.api import Instrument, Ledger
 from ledger.display import AVERAGE_EXTRA_PLACES, COLUMN_KINDS, Kind, show_row
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import LedgerError
-from ledger.service import ServiceOptions
+from ledger.service import JsonFormatter, ServiceOptions
 from ledger.settings import Settings
 from projections.faults import StreamFault
 
@@ -73,6 +74,7 @@ __all__ = [
     "progress_bars",
     "readable",
     "run",
+    "say_error",
     "service_options",
     "standby",
     "warn_faulted",
@@ -157,8 +159,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except LedgerError as exc:
-        message = escape(_masked(str(exc), settings))
-        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        say_error(_masked(str(exc), settings))
         raise typer.Exit(2) from None
     except Exception as exc:
         line = db.connect_failure(exc, settings.database_url) or db.connect_failure(
@@ -166,9 +167,19 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         )
         if line is None:
             raise
-        message = escape(_masked(line, settings))
-        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        say_error(_masked(line, settings))
         raise typer.Exit(2) from None
+
+
+def say_error(message: str, *, level: int = logging.ERROR, label: str = "error:") -> None:
+    """Say why a command stops: one ``error:`` line on stderr, or, under ``--log-format
+    json``, one JSON log line like every other line the service writes."""
+    if any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers):
+        text = message if label == "error:" else f"{label} {message}"
+        logging.getLogger("ledger").log(level, "%s", text)
+        return
+    style = "bold red" if level >= logging.ERROR else "yellow"
+    err.print(f"[{style}]{label}[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _masked(text: str, settings: Settings) -> str:

@@ -37,6 +37,7 @@ from ledger.cli.common import (
     open_engine,
     out,
     run,
+    say_error,
     service_options,
     write_csv,
 )
@@ -319,7 +320,11 @@ def consume(
     try:
         totals = run(_consume())
     except asyncio.CancelledError:
-        err.print("[yellow]stopped without draining[/] (unacknowledged messages are redelivered)")
+        say_error(
+            "(unacknowledged messages are redelivered)",
+            level=logging.WARNING,
+            label="stopped without draining",
+        )
         raise typer.Exit(1) from None
     c = totals.counts
     line = (

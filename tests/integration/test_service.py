@@ -9,6 +9,7 @@ prometheus-client's own parser, then compared with ``ledger stats --format json`
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -378,3 +379,22 @@ def test_a_nats_restart_flips_readyz_and_counts_a_reconnect(
     assert code == 0, log.read_text()[-4000:]
     # the process's count is the feed's persisted counter too (flushed at exit)
     assert stats_json(cli_env)["consume"]["nats_reconnects"] == 1
+
+
+def test_a_fatal_error_under_json_logs_is_a_json_line(tmp_path: Path) -> None:
+    """Under --log-format json every stderr line is JSON, the one that ends the command
+    too: an unreachable database is an ERROR record (exit 2), its password masked."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
+        "LEDGER_DATABASE_URL": "postgresql://ledger:hunter2@127.0.0.1:1/nowhere",
+        "LEDGER_RECONNECT_TIMEOUT": "1",
+        "LEDGER_HOME": str(tmp_path / "home"),
+    }
+    command = [sys.executable, "-m", "ledger", "project", "--follow", "--log-format", "json"]
+    done = subprocess.run(command, env=env, capture_output=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr.decode()
+    lines = [line for line in done.stderr.decode().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line: not one plain "error:"
+    assert records[-1]["level"] == "ERROR"
+    assert "cannot reach the database" in records[-1]["message"]
+    assert "hunter2" not in done.stderr.decode()
