@@ -446,11 +446,18 @@ def project(
     With --follow, --metrics-port serves /metrics, /healthz and /readyz from the start
     (the first catch-up included) and --log-format json logs one JSON object a line.
     """
+    if metrics_port is not None and not follow:
+        # a one-shot catch-up ends before anything could scrape it
+        err.print(
+            "[bold red]error:[/] --metrics-port: serves only with --follow "
+            "(`ledger project --follow --metrics-port PORT`)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
     if log_format is not None:
         configure_logging(log_format.value, (Settings().database_url,))
-    service = service_options(
-        metrics_port if follow else None, metrics_host, ready_lag_events, ready_lag_seconds
-    )
+    service = service_options(metrics_port, metrics_host, ready_lag_events, ready_lag_seconds)
 
     async def _project() -> int:
         async with (

@@ -327,6 +327,13 @@ def test_a_taken_metrics_port_is_one_clear_error(cli_env: dict[str, str]) -> Non
     assert f"--metrics-port: cannot listen on 127.0.0.1:{port}" in result.output
 
 
+def test_metrics_port_without_follow_is_a_usage_error(cli_env: dict[str, str]) -> None:
+    """A one-shot catch-up ends before anything could scrape it: refused, not ignored."""
+    result = invoke("project", "--metrics-port", str(free_port()))
+    assert result.exit_code == 2, result.output
+    assert "--metrics-port: serves only with --follow" in result.output
+
+
 def _start_nats(port: int, store: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as handle:
         proc = subprocess.Popen(
