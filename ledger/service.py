@@ -95,7 +95,10 @@ METRICS: Final[Mapping[str, str]] = {
     "ledger_faulted_streams": "Streams the projections hold as faulted.",
     "ledger_database_up": "1 when this scrape read the database, else 0.",
     "ledger_nats_connected": "1 while the feed is connected to NATS (consume only).",
-    "ledger_reconnects_total": "This process's reconnects, by target (database, nats).",
+    "ledger_reconnects_total": (
+        "This process's reconnects (consume's include its projection process's), "
+        "by target (database, nats)."
+    ),
 }
 
 

@@ -13,6 +13,7 @@ import signal
 import time
 from enum import StrEnum
 from multiprocessing.connection import Connection
+from multiprocessing.sharedctypes import Synchronized
 from typing import Annotated, Any
 
 import typer
@@ -50,7 +51,7 @@ from ledger.consume import (
     Consumer,
     ConsumeTotals,
 )
-from ledger.db import make_engine
+from ledger.db import Reconnect, make_engine
 from ledger.service import (
     DEFAULT_METRICS_HOST,
     DEFAULT_READY_LAG_EVENTS,
@@ -103,9 +104,11 @@ class _ProjectionProcess:
     def __init__(self, url: str, log_format: LogFormat = "text") -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a running event loop
         reader, self._stop_writer = ctx.Pipe(duplex=False)
+        # the child's database reconnects, for this process's metric (it mirrors them)
+        self.reconnects: Synchronized[int] = ctx.Value("q", 0)
         self._process = ctx.Process(
             target=_follow_in_child,
-            args=(url, reader, log_format),
+            args=(url, reader, log_format, self.reconnects),
             name="ledger-projections",
             daemon=False,
         )
@@ -152,7 +155,12 @@ class _ProjectionProcess:
         self._process.join(5)
 
 
-def _follow_in_child(url: str, stop_reader: Connection, log_format: LogFormat = "text") -> None:
+def _follow_in_child(
+    url: str,
+    stop_reader: Connection,
+    log_format: LogFormat = "text",
+    reconnects: Synchronized[int] | None = None,
+) -> None:
     """Run in the child process: follow the log until told to stop, then catch up.
 
     Raises:
@@ -160,12 +168,22 @@ def _follow_in_child(url: str, stop_reader: Connection, log_format: LogFormat = 
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     _configure_logging(log_format, (url,))
-    if not asyncio.run(_follow_until_told(url, stop_reader)):
+    if not asyncio.run(_follow_until_told(url, stop_reader, reconnects)):
         raise SystemExit(1)
 
 
-async def _follow_until_told(url: str, stop_reader: Connection) -> bool:
+async def _mirror_reconnects(reconnects: Synchronized[int]) -> None:
+    """Keep the parent's copy of this process's reconnect count (within 0.5 s)."""
+    while True:
+        reconnects.value = Reconnect.failures
+        await asyncio.sleep(0.5)
+
+
+async def _follow_until_told(
+    url: str, stop_reader: Connection, reconnects: Synchronized[int] | None = None
+) -> bool:
     """Follow the log until the parent says stop (or is gone); return whether all went well."""
+    mirror = None if reconnects is None else asyncio.create_task(_mirror_reconnects(reconnects))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     fd = stop_reader.fileno()
@@ -190,6 +208,9 @@ async def _follow_until_told(url: str, stop_reader: Connection) -> bool:
     finally:
         loop.remove_reader(fd)
         await engine.dispose()
+        if mirror is not None and reconnects is not None:
+            mirror.cancel()
+            reconnects.value = Reconnect.failures
 
 
 async def _final_catch_up(engine: AsyncEngine) -> None:
@@ -289,12 +310,16 @@ def consume(
                 loop.add_signal_handler(sig, _on_signal, sig.name)
             url = engine.url.render_as_string(hide_password=False)
             consumer = Consumer(engine, options)
+            projector: _ProjectionProcess | None = None
             probes = Probes(
                 nats_connected=lambda: consumer.nats_connected,
                 nats_reconnects=lambda: consumer.totals.nats_reconnects,
+                # this process's and its projection process's
+                database_reconnects=lambda: (
+                    Reconnect.failures + (0 if projector is None else projector.reconnects.value)
+                ),
             )
             secrets = (url, *options.servers)
-            projector = None
             try:
                 async with serve(
                     service, Ledger(engine, Settings()).stats, probes, secrets_of=secrets

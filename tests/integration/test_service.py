@@ -27,6 +27,7 @@ import psycopg
 import pytest
 from cli_testing import invoke, seed
 from prometheus_client.parser import text_string_to_metric_families
+from pytest_postgresql.executors import PostgreSQLExecutor
 from test_consume import (
     BOOT,
     CONTRACT,
@@ -325,6 +326,47 @@ def test_a_taken_metrics_port_is_one_clear_error(cli_env: dict[str, str]) -> Non
         result = invoke("project", "--follow", "--metrics-port", str(port))
     assert result.exit_code == 2, result.output
     assert f"--metrics-port: cannot listen on 127.0.0.1:{port}" in result.output
+
+
+def test_consume_counts_its_projection_process_reconnects(
+    nats_url: str,
+    cli_env: dict[str, str],
+    pg_server: PostgreSQLExecutor,
+    tmp_path: Path,
+) -> None:
+    """`ledger_reconnects_total{target="database"}` of consume includes the retries of
+    its projection process: with the feed idle, only that process loses the database
+    (its LISTEN connection) when the server restarts."""
+    publish(nats_url, [("ledger.in.instruments", orjson.dumps(INSTRUMENT))])
+    port = free_port()
+    log = tmp_path / "consume.log"
+    proc = start_consumer(cli_env, nats_url, log, "--metrics-port", str(port), project=True)
+    try:
+        wait_until(lambda: answers(port), 60, "the metrics port")
+        wait_until(lambda: ready(port)[0] == 200, 60, "/readyz 200 (caught up)")
+        assert scrape(port)["ledger_reconnects_total{target=database}"] == 0
+        pg_server.stop()
+        time.sleep(1.5)  # the projection process notices and retries, with backoff
+        pg_server.start()
+
+        def database_reconnects() -> float:
+            try:
+                return scrape(port).get("ledger_reconnects_total{target=database}", 0)
+            except (AssertionError, OSError):  # the server still starting up
+                return -1
+
+        wait_until(
+            lambda: database_reconnects() >= 1,
+            60,
+            "the projection process's reconnect in the metric",
+        )
+    finally:
+        if not pg_server.running():
+            pg_server.start()
+        proc.send_signal(signal.SIGTERM)
+        code = wait_exit(proc, log)
+    assert code == 0, log.read_text()[-4000:]
+    assert "lost the database while following the log" in log.read_text()
 
 
 def test_metrics_port_without_follow_is_a_usage_error(cli_env: dict[str, str]) -> None:
