@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import socket
 from typing import Any
 
 import asyncpg
@@ -15,6 +17,16 @@ from ledger.events import parse_event
 from ledger.integrity import append_seal
 from ledger.store import EventStore
 from projections.runner import ProjectionRunner
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def instrument(contract: str, tick_size: str, tick_value: str) -> dict[str, Any]:

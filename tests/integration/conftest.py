@@ -6,7 +6,6 @@ that merely happens to be running, e.g. on 4222), and stopped after the test.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -14,16 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from cli_testing import NATS_SERVER, free_port
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
-from cli_testing import fetchval
+from cli_testing import fetchval, free_port
 from test_cli_ingest import GOOD_FILL, INSTRUMENT, fill, ledger
 
 BAD = [
@@ -21,14 +20,6 @@ BAD = [
     '{"type":"fill", "account": ',  # not JSON
     fill(exec_id="B-3", qty="0"),
 ]
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def counts_of(result: Any, status: int) -> dict[str, int]:

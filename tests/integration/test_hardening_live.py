@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from pathlib import Path
 
 import orjson
+from cli_testing import free_port
 from test_consume import (
     INSTRUMENT,
     counters,
@@ -18,14 +18,6 @@ from test_consume import (
     wait_exit,
     wait_until,
 )
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_first_sigterm_stops_consume_while_nats_is_down(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,19 +20,13 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+from cli_testing import free_port
 from pytest_postgresql.executors import PostgreSQLExecutor
 from test_consume import INSTRUMENT, fill
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOT = "from ledger.cli import main; main()"
 SECRET = "S3CRETPW"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def query(url: str, sql: str) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +24,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-from cli_testing import invoke, seed
+from cli_testing import NATS_SERVER, free_port, invoke, seed
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_postgresql.executors import PostgreSQLExecutor
 from test_consume import (
@@ -42,18 +41,9 @@ from test_consume import (
 )
 
 NATS_PASSWORD = "n4ts-s3cret"
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:
