@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import decimal
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Context, Decimal, Inexact, InvalidOperation
 from enum import StrEnum
@@ -202,6 +203,12 @@ def point_value(tick_value: Decimal, tick_size: Decimal) -> Decimal:
     if isinstance(exponent, int) and exponent > 0:
         value = value.quantize(Decimal(1), context=_EXACT)
     return value
+
+
+def instrument_grid_of(payload: Mapping[str, Any]) -> tuple[Decimal, Decimal]:
+    """Return (point value, tick size) of an instrument event's stored payload."""
+    tick_size = Decimal(payload["tick_size"])
+    return point_value(Decimal(payload["tick_value"]), tick_size), tick_size
 
 
 def check_point_value(tick_value: Decimal, tick_size: Decimal) -> Decimal:

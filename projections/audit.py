@@ -39,7 +39,7 @@ from ledger.events import (
 )
 from ledger.integrity import Problem, VerifyReport, verify_log
 from ledger.store import INSTRUMENTS_SQL, fill_streams, stream_fill_rows
-from ledger.values import point_value
+from ledger.values import instrument_grid_of
 from projections.faults import UNFOLDABLE, culprit_in_events
 from projections.pagefold import replay_rows, stream_row
 from projections.positions import (
@@ -516,10 +516,7 @@ async def _instrument_grids(conn: asyncpg.Connection) -> dict[str, tuple[Decimal
     grids: dict[str, tuple[Decimal, Decimal]] = {}
     for (payload,) in await conn.fetch(INSTRUMENTS_SQL):
         data = orjson.loads(payload)
-        tick_size = Decimal(data["tick_size"])
-        grids.setdefault(
-            data["contract"], (point_value(Decimal(data["tick_value"]), tick_size), tick_size)
-        )
+        grids.setdefault(data["contract"], instrument_grid_of(data))
     return grids
 
 

@@ -29,7 +29,7 @@ import orjson
 
 from ledger.settings import Settings
 from ledger.store import INSTRUMENTS_SQL, Checkpoint, LightRow
-from ledger.values import point_value
+from ledger.values import instrument_grid_of
 from projections import store as sql
 from projections.faults import UNFOLDABLE, culprit_in_rows
 from projections.pagefold import (
@@ -193,14 +193,9 @@ class StreamCache:
             self._add_instrument(orjson.loads(payload))
 
     def _add_instrument(self, payload: dict[str, Any]) -> None:
-        tick_size = Decimal(payload["tick_size"])
+        point_value, tick_size = instrument_grid_of(payload)
         self._instruments.setdefault(
-            payload["contract"],
-            Instrument(
-                point_value(Decimal(payload["tick_value"]), tick_size),
-                tick_size,
-                payload["currency"],
-            ),
+            payload["contract"], Instrument(point_value, tick_size, payload["currency"])
         )
 
     def _instrument(self, contract: str) -> Instrument:

@@ -45,7 +45,7 @@ from ledger.store import (
     stream_tail_as_of,
     stream_trade_payloads,
 )
-from ledger.values import point_value
+from ledger.values import instrument_grid_of
 from projections.faults import UNFOLDABLE, StreamFault, culprit_in_events
 from projections.pagefold import (
     R_EXEC_ID,
@@ -119,9 +119,7 @@ async def instrument_grid(
     payload = await instrument_payload(conn, contract)
     if payload is None:
         return None
-    data = orjson.loads(payload)
-    tick_size = Decimal(data["tick_size"])
-    return point_value(Decimal(data["tick_value"]), tick_size), tick_size
+    return instrument_grid_of(orjson.loads(payload))
 
 
 async def instrument_currency(conn: asyncpg.Connection, contract: str) -> str:
