@@ -73,6 +73,7 @@ __all__ = [
     "has_fills_by",
     "last_recorded_at",
     "latest_reconciliation",
+    "listen_for_appends",
     "log_lag",
     "mark_price_at",
     "read_counters",
@@ -299,6 +300,32 @@ async def driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
     """Return the asyncpg connection under a SQLAlchemy async connection."""
     raw = await conn.get_raw_connection()
     return raw.driver_connection
+
+
+@asynccontextmanager
+async def listen_for_appends(
+    engine: AsyncEngine,
+) -> AsyncIterator[tuple[asyncio.Event, asyncpg.Connection]]:
+    """LISTEN for appends on a connection of its own; yield the wake-up (set whenever
+    an append commits) and the connection."""
+    woken = asyncio.Event()
+
+    def _on_notify(*_: object) -> None:
+        woken.set()
+
+    async with engine.connect() as sa_conn:
+        conn = await driver_connection(sa_conn)
+        await conn.add_listener(NOTIFY_CHANNEL, _on_notify)
+        try:
+            yield woken, conn
+        finally:
+            if not conn.is_closed():
+                with contextlib.suppress(Exception):
+                    await conn.remove_listener(NOTIFY_CHANNEL, _on_notify)
+            else:
+                # a dead connection must not go back to the pool as if it were fine
+                with contextlib.suppress(Exception):
+                    await sa_conn.invalidate()
 
 
 # A log never analyzed yet (reltuples < 0) past a megabyte: without statistics the
@@ -554,19 +581,8 @@ class UncheckedEventStore:
     @asynccontextmanager
     async def notifications(self) -> AsyncIterator[asyncio.Event]:
         """Yield an event that is set whenever an append commits (a wake-up, nothing more)."""
-        woken = asyncio.Event()
-
-        def _on_notify(*_: object) -> None:
-            woken.set()
-
-        async with self.engine.connect() as conn:
-            driver = await driver_connection(conn)
-            await driver.add_listener(NOTIFY_CHANNEL, _on_notify)
-            try:
-                yield woken
-            finally:
-                if not driver.is_closed():
-                    await driver.remove_listener(NOTIFY_CHANNEL, _on_notify)
+        async with listen_for_appends(self.engine) as (woken, _):
+            yield woken
 
 
 class EventStore(UncheckedEventStore):

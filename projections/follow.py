@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import asyncpg
 
 from ledger.db import Reconnect, is_transient
-from ledger.schema import NOTIFY_CHANNEL
-from ledger.store import driver_connection
+from ledger.store import listen_for_appends
 from projections import store as sql
 from projections.pipeline import Connections, Projector
 
@@ -53,7 +52,10 @@ class Follower(Projector):
         reconnect = Reconnect("following the log", first=0.2)
         while not stop.is_set():
             try:
-                async with self._listen() as (woken, listener), self._connections() as conns:
+                async with (
+                    listen_for_appends(self.engine) as (woken, listener),
+                    self._connections() as conns,
+                ):
                     reconnect.succeeded()
                     await self._follow_connected(
                         conns,
@@ -129,25 +131,3 @@ class Follower(Projector):
                 task.cancel()
             if hidden_wait is not None and not woken.is_set():
                 hidden_wait = hidden_wait * 2 if hidden_wait * 2 < poll_interval else None
-
-    @contextlib.asynccontextmanager
-    async def _listen(self) -> AsyncIterator[tuple[asyncio.Event, asyncpg.Connection]]:
-        """LISTEN for appends on a connection of our own; yield the wake-up and it."""
-        woken = asyncio.Event()
-
-        def _on_notify(*_: object) -> None:
-            woken.set()
-
-        async with self.engine.connect() as sa_conn:
-            conn = await driver_connection(sa_conn)
-            await conn.add_listener(NOTIFY_CHANNEL, _on_notify)
-            try:
-                yield woken, conn
-            finally:
-                if not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await conn.remove_listener(NOTIFY_CHANNEL, _on_notify)
-                else:
-                    # a dead connection must not go back to the pool as if it were fine
-                    with contextlib.suppress(Exception):
-                        await sa_conn.invalidate()
