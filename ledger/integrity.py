@@ -32,13 +32,12 @@ fresh replay to make the whole of ``ledger verify``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import struct
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -65,6 +64,7 @@ from ledger.store import (
     chain_page,
     driver_connection,
     encode_event,
+    read_ahead,
     recorded_at_of,
     seal_page,
     seal_payloads,
@@ -346,18 +346,14 @@ async def _verify_chains(
     """Walk the chains page by page, (stream, version) order. The next page's query
     goes out before a page is checked: PostgreSQL reads it while Python checks (1.5x
     the rate of one after the other; a second connection adds nothing on top)."""
-    pending = asyncio.ensure_future(chain_page(conn, "", 0, _PAGE))
+
+    def following(rows: list[asyncpg.Record]) -> Awaitable[list[asyncpg.Record]] | None:
+        return chain_page(conn, rows[-1][1], rows[-1][2], _PAGE) if rows else None
+
     stream = ""
     trades: list[tuple[int, str, str]] = []
-    try:
-        while True:
-            rows = await pending
-            if not rows:
-                if trades and on_stream is not None:
-                    on_stream(stream, trades)
-                return
-            pending = asyncio.ensure_future(chain_page(conn, rows[-1][1], rows[-1][2], _PAGE))
-            await asyncio.sleep(0)  # the query goes out before the check starts
+    async with aclosing(read_ahead(chain_page(conn, "", 0, _PAGE), following)) as pages:
+        async for rows in pages:
             _check_chain_page(rows, report, last, progress)
             if on_stream is None:
                 continue
@@ -368,11 +364,8 @@ async def _verify_chains(
                     stream, trades = row[1], []
                 if row[7] in _TRADES:
                     trades.append((row[0], row[7], row[4]))
-    finally:
-        if not pending.done():
-            pending.cancel()
-        with contextlib.suppress(BaseException):
-            await pending
+    if trades and on_stream is not None:
+        on_stream(stream, trades)
 
 
 def _check_chain_page(

@@ -29,11 +29,19 @@ import asyncio
 import contextlib
 import hashlib
 import struct
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 import orjson
@@ -43,6 +51,8 @@ from ledger.errors import ConcurrencyError, EventRejected, IdempotencyConflict
 from ledger.events import Event, InstrumentDefined, encode_content, fill_event_id
 from ledger.schema import NOTIFY_CHANNEL
 from ledger.validation import Problem, contract_of, find_problems, wanted_executions
+
+T = TypeVar("T")
 
 __all__ = [
     "BUMP_COUNTERS_SQL",
@@ -76,6 +86,7 @@ __all__ = [
     "listen_for_appends",
     "log_lag",
     "mark_price_at",
+    "read_ahead",
     "read_counters",
     "reconciled_streams",
     "reconciliation_run",
@@ -300,6 +311,32 @@ async def driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
     """Return the asyncpg connection under a SQLAlchemy async connection."""
     raw = await conn.get_raw_connection()
     return raw.driver_connection
+
+
+async def read_ahead(
+    first: Awaitable[T], following: Callable[[T], Awaitable[T] | None]
+) -> AsyncGenerator[T, None]:
+    """Yield pages while the next one is read: ``first`` reads the first page,
+    ``following(page)`` starts the read of the page after ``page`` (None: there is none).
+
+    The next read goes out before a page is handed over, so PostgreSQL reads while the
+    caller works; a caller that stops early (``aclose``) cancels the read under way,
+    and its outcome is retrieved (never an unretrieved task error).
+    """
+    pending: asyncio.Future[T] | None = asyncio.ensure_future(first)
+    try:
+        while pending is not None:
+            page = await pending
+            after = following(page)
+            pending = None if after is None else asyncio.ensure_future(after)
+            if pending is not None:
+                await asyncio.sleep(0)  # the read goes out before the caller's work
+            yield page
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
 
 
 @asynccontextmanager
@@ -553,24 +590,17 @@ class UncheckedEventStore:
         While a full page is with the caller, the next one is read (on a connection of
         its own): PostgreSQL reads and decodes while the caller folds.
         """
-        pending: asyncio.Future[tuple[list[StoredEvent], Checkpoint]] | None = None
-        try:
-            page, after = await self.read_all(after, limit=limit)
-            while page:
-                full = len(page) == limit
-                if full:
-                    pending = asyncio.ensure_future(self.read_all(after, limit=limit))
-                yield page, after
-                if not full:
-                    return
-                assert pending is not None
-                page, after = await pending
-                pending = None
-        finally:
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
+
+        def following(
+            read: tuple[list[StoredEvent], Checkpoint],
+        ) -> Awaitable[tuple[list[StoredEvent], Checkpoint]] | None:
+            page, end = read
+            return self.read_all(end, limit=limit) if len(page) == limit else None
+
+        async with aclosing(read_ahead(self.read_all(after, limit=limit), following)) as reads:
+            async for page, end in reads:
+                if page:
+                    yield page, end
 
     @staticmethod
     async def read_light(conn: asyncpg.Connection, after: Checkpoint, limit: int) -> list[LightRow]:
