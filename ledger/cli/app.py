@@ -46,6 +46,7 @@ from ledger.cli.common import (
     parse_times,
     progress_bar,
     run,
+    say_error,
     service_options,
     warn_faulted,
     write_csv,
@@ -448,11 +449,9 @@ def project(
     """
     if metrics_port is not None and not follow:
         # a one-shot catch-up ends before anything could scrape it
-        err.print(
-            "[bold red]error:[/] --metrics-port: serves only with --follow "
-            "(`ledger project --follow --metrics-port PORT`)",
-            highlight=False,
-            soft_wrap=True,
+        say_error(
+            "--metrics-port: serves only with --follow "
+            "(`ledger project --follow --metrics-port PORT`)"
         )
         raise typer.Exit(2)
     if log_format is not None:
