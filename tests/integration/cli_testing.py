@@ -6,6 +6,9 @@ import asyncio
 import json
 import shutil
 import socket
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -27,6 +30,38 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def start_nats(port: int, store: Path, log: Path, timeout: float = 15) -> subprocess.Popen[bytes]:
+    """Start a JetStream nats-server of the test's own on ``port`` (its store in
+    ``store``, its output appended to ``log``); return it once it listens."""
+    with log.open("ab") as handle:
+        proc = subprocess.Popen(
+            [NATS_SERVER, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    stop_process(proc)
+    raise RuntimeError(f"nats-server did not listen on {port} within {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ``proc``; SIGKILL it after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def instrument(contract: str, tick_size: str, tick_value: str) -> dict[str, Any]:

@@ -440,8 +440,8 @@ def test_stats_json_counts_add_up(
     assert table.returncode == 0 and b"projection lag (events)" in table.stdout
 
 
-def projection_lag(env: dict[str, str]) -> dict[str, Any]:
-    """Return ``ledger stats``' projection lag: events behind, seconds, checkpoint."""
+def stats_json(env: dict[str, str]) -> dict[str, Any]:
+    """Return what ``ledger stats --format json`` prints, run as a command."""
     result = subprocess.run(
         [sys.executable, "-c", BOOT, "stats", "--format", "json"],
         env=env,
@@ -449,7 +449,13 @@ def projection_lag(env: dict[str, str]) -> dict[str, Any]:
         cwd=ROOT,
         check=True,
     )
-    lag: dict[str, Any] = json.loads(result.stdout)["projection_lag"]
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def projection_lag(env: dict[str, str]) -> dict[str, Any]:
+    """Return ``ledger stats``' projection lag: events behind, seconds, checkpoint."""
+    lag: dict[str, Any] = stats_json(env)["projection_lag"]
     return lag
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-from cli_testing import NATS_SERVER, free_port, invoke, seed
+from cli_testing import NATS_SERVER, free_port, invoke, seed, start_nats, stop_process
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_postgresql.executors import PostgreSQLExecutor
 from test_consume import (
@@ -36,6 +36,7 @@ from test_consume import (
     fill,
     publish,
     start_consumer,
+    stats_json,
     wait_exit,
     wait_until,
 )
@@ -77,18 +78,6 @@ def scrape(port: int) -> dict[str, float]:
 def ready(port: int) -> tuple[int, dict[str, Any]]:
     status, body = get(port, "/readyz")
     return status, json.loads(body)
-
-
-def stats_json(env: dict[str, str]) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-c", BOOT, "stats", "--format", "json"],
-        env=env,
-        capture_output=True,
-        cwd=ROOT,
-        check=True,
-    )
-    data: dict[str, Any] = json.loads(done.stdout)
-    return data
 
 
 def assert_metrics_match_stats(metrics: dict[str, float], stats: dict[str, Any]) -> None:
@@ -366,26 +355,6 @@ def test_metrics_port_without_follow_is_a_usage_error(cli_env: dict[str, str]) -
     assert "--metrics-port: serves only with --follow" in result.output
 
 
-def _start_nats(port: int, store: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as handle:
-        proc = subprocess.Popen(
-            [NATS_SERVER, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
-    wait_until(lambda: not port_closed(port), 15, "nats-server listening")
-    return proc
-
-
-def _stop_nats(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def test_a_nats_restart_flips_readyz_and_counts_a_reconnect(
     cli_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -394,7 +363,7 @@ def test_a_nats_restart_flips_readyz_and_counts_a_reconnect(
         pytest.skip("nats-server is not installed")
     nats_port, port = free_port(), free_port()
     store, nats_log = tmp_path / "jetstream", tmp_path / "nats-server.log"
-    nats = _start_nats(nats_port, store, nats_log)
+    nats = start_nats(nats_port, store, nats_log)
     log = tmp_path / "consume.log"
     proc = start_consumer(
         cli_env, f"nats://127.0.0.1:{nats_port}", log, "--metrics-port", str(port)
@@ -402,11 +371,11 @@ def test_a_nats_restart_flips_readyz_and_counts_a_reconnect(
     try:
         wait_until(lambda: answers(port) and ready(port)[0] == 200, 60, "/readyz 200")
         assert scrape(port)["ledger_reconnects_total{target=nats}"] == 0
-        _stop_nats(nats)
+        stop_process(nats)
         wait_until(lambda: ready(port)[0] == 503, 30, "/readyz 503 with NATS down")
         assert "nats: not connected" in ready(port)[1]["reasons"]
         assert scrape(port)["ledger_nats_connected"] == 0
-        nats = _start_nats(nats_port, store, nats_log)
+        nats = start_nats(nats_port, store, nats_log)
         wait_until(lambda: ready(port)[0] == 200, 60, "/readyz 200 again")
         metrics = scrape(port)
         assert metrics["ledger_reconnects_total{target=nats}"] == 1
@@ -414,7 +383,7 @@ def test_a_nats_restart_flips_readyz_and_counts_a_reconnect(
     finally:
         proc.send_signal(signal.SIGTERM)
         code = wait_exit(proc, log)
-        _stop_nats(nats)
+        stop_process(nats)
     assert code == 0, log.read_text()[-4000:]
     # the process's count is the feed's persisted counter too (flushed at exit)
     assert stats_json(cli_env)["consume"]["nats_reconnects"] == 1
