@@ -479,12 +479,12 @@ def _fold_fill(
     closed, ``(exec_id, qty, price)`` each, are appended to ``closed`` when given (the
     runner's fold does not want them).
     """
-    if price % state.tick_size != 0:
+    if price % state.tick_size != _ZERO:
         raise OffTickPrice(
             f"price {price} of execution {exec_id} is not a multiple of "
             f"tick_size {state.tick_size} for {state.account}/{state.contract}"
         )
-    if qty <= 0:
+    if qty <= _ZERO:
         raise FoldError(f"qty of execution {exec_id} must be greater than 0, got {qty}")
     key = (occurred_at, position)
     last_key = state.last_key
@@ -500,21 +500,21 @@ def _fold_fill(
     realized_fifo = _ZERO
     realized_wac = _ZERO
 
-    if not before or (before > 0) == buying:
+    if not before or (before > _ZERO) == buying:
         open_qty = qty
     else:
         pv = state.point_value
         lots = state.lots
-        held = -before if before < 0 else before
+        held = -before if before < _ZERO else before
         close_qty = qty if qty < held else held
         # FIFO: consume lots oldest first.
         remaining = close_qty
         consumed = 0
         for lot in lots:
             lot_qty = lot.qty
-            lot_abs = -lot_qty if lot_qty < 0 else lot_qty
+            lot_abs = -lot_qty if lot_qty < _ZERO else lot_qty
             take = lot_abs if lot_abs < remaining else remaining
-            signed_take = take if lot_qty > 0 else -take
+            signed_take = take if lot_qty > _ZERO else -take
             lot_price = lot.price
             realized_fifo += signed_take * (price - lot_price) * pv
             if closed is not None:
@@ -524,7 +524,7 @@ def _fold_fill(
                 consumed += 1
             else:
                 lot.qty = lot_qty - signed_take
-            if remaining == 0:
+            if remaining == _ZERO:
                 break
         if consumed:
             del lots[:consumed]
@@ -533,7 +533,7 @@ def _fold_fill(
             state.wac_basis if close_qty == held else _basis_share(state.wac_basis, close_qty, held)
         )
         proceeds = close_qty * price * pv - removed
-        realized_wac = proceeds if before > 0 else -proceeds
+        realized_wac = proceeds if before > _ZERO else -proceeds
         state.wac_basis -= removed
         state.realized_fifo += realized_fifo
         state.realized_wac += realized_wac
@@ -549,7 +549,7 @@ def _fold_fill(
     if not after:
         state.opened_at = None
         state.closed_at = occurred_at
-    elif not before or (before > 0) != (after > 0):
+    elif not before or (before > _ZERO) != (after > _ZERO):
         state.opened_at = occurred_at
     state.last_fill_at = occurred_at
     state.last_key = key
