@@ -211,6 +211,33 @@ WITH inserted AS (
 )
 SELECT event_id, global_position FROM inserted
 """
+# One event, one statement, no transaction around it (a statement is atomic on its own):
+# move the stream's head (created at version 1 if new; otherwise locked, as the
+# batches lock it, and moved on from its newest committed version), computing the
+# event's link in the hash chain from it in SQL (what chain_hash computes: SHA-256 of
+# the previous link, the version as 8 big-endian bytes, the id's 16 bytes and the
+# content digest), and insert the event with them. An id already in the log fails the
+# whole statement on uq_events_event_id, so nothing moves; the caller then takes the
+# batch path, which reports the duplicate (or refuses it: other content).
+_APPEND_ONE = """
+WITH head AS (
+    INSERT INTO streams AS s (stream, version, last_hash)
+    VALUES ($1, 1, sha256($10::bytea || int8send(1::int8) || uuid_send($2::uuid) || $9::bytea))
+    ON CONFLICT (stream) DO UPDATE
+    SET version = s.version + 1,
+        last_hash = sha256(s.last_hash || int8send(s.version::int8 + 1) || uuid_send($2::uuid)
+                           || $9::bytea)
+    RETURNING version, last_hash
+), inserted AS (
+    INSERT INTO events (stream, stream_version, event_id, type, schema_version, payload,
+                        occurred_at, causation_id, correlation_id, content_digest, hash)
+    SELECT $1, h.version, $2::uuid, $3, $4::int2, $5::jsonb, coalesce($6::timestamptz, now()),
+           $7::uuid, $8::uuid, $9::bytea, h.last_hash
+    FROM head AS h
+    RETURNING global_position
+)
+SELECT global_position FROM inserted
+"""
 # Below this many new events a batch goes through _INSERT_AND_MOVE (one round trip);
 # from it on through COPY, which costs three round trips but a fraction per row.
 _COPY_AT_LEAST = 32
@@ -438,8 +465,43 @@ class UncheckedEventStore:
         """
         if not events:
             return AppendResult((), 0, 0, ())
+        if len(events) == 1 and expected_versions is None:
+            done = await self._append_one(events[0], causation_id, correlation_id)
+            if done is not None:
+                return done
         async with self._driver() as conn, conn.transaction():
             return await self._append(conn, events, expected_versions, causation_id, correlation_id)
+
+    async def _append_one(
+        self, event: Event, causation_id: str | None, correlation_id: str | None
+    ) -> AppendResult | None:
+        """Append one new event in one round trip (``_APPEND_ONE``); return None, having
+        written nothing, when its id is already in the log (the batch path reports it).
+
+        The batch path takes four: BEGIN, lock the head and look the id up, insert,
+        COMMIT. The result is the same row, hash link included (tests/integration/
+        test_store.py checks it against ``chain_hash``).
+        """
+        e = _encode(event, event.event_id)
+        async with self._driver() as conn:
+            try:
+                position: int = await conn.fetchval(
+                    _APPEND_ONE,
+                    e.stream,
+                    e.event_id,
+                    e.type,
+                    e.schema_version,
+                    e.payload_json,
+                    e.occurred_at,
+                    causation_id,
+                    correlation_id,
+                    e.digest,
+                    GENESIS_HASH,
+                )
+            except asyncpg.UniqueViolationError:
+                return None
+        self._heads_seen.add(e.stream)
+        return AppendResult((position,), 1, 0, (False,))
 
     async def append_on(self, conn: asyncpg.Connection, events: Sequence[Event]) -> AppendResult:
         """Append inside a transaction the caller already holds on ``conn``."""
@@ -647,9 +709,23 @@ class EventStore(UncheckedEventStore):
         """
         if not events:
             return AppendResult((), 0, 0, ())
+        if len(events) == 1 and expected_versions is None and self._checks_need_no_query(events):
+            # checked here, against what the log holds for good (its instruments): the
+            # one-statement append needs no transaction around the checks
+            self._refuse_problems(events, find_problems(events, self._instruments, set()))
+            done = await self._append_one(events[0], causation_id, correlation_id)
+            if done is not None:
+                return done
         async with self._driver() as conn, conn.transaction():
             await self._refuse(conn, events)
             return await self._append(conn, events, expected_versions, causation_id, correlation_id)
+
+    def _checks_need_no_query(self, events: Sequence[Event]) -> bool:
+        """Whether ``events`` can be checked without the log: their contracts' instruments
+        are cached (an instrument never changes) and they bust or correct nothing (an
+        execution they name must be looked up)."""
+        contracts = {c for e in events if (c := contract_of(e)) is not None}
+        return contracts.issubset(self._instruments) and not wanted_executions(events)
 
     async def append_on(self, conn: asyncpg.Connection, events: Sequence[Event]) -> AppendResult:
         """Check, then append inside a transaction the caller holds on ``conn``.
@@ -690,7 +766,11 @@ class EventStore(UncheckedEventStore):
             self._instruments.setdefault(instrument.contract, instrument)
 
     async def _refuse(self, conn: asyncpg.Connection, events: Sequence[Event]) -> None:
-        for index, problem in enumerate(await self.problems_on(conn, events)):
+        self._refuse_problems(events, await self.problems_on(conn, events))
+
+    @staticmethod
+    def _refuse_problems(events: Sequence[Event], problems: Sequence[Problem | None]) -> None:
+        for index, problem in enumerate(problems):
             if problem is not None:
                 raise EventRejected(problem[0], problem[1], index, events[index].event_id)
 

@@ -327,6 +327,11 @@ async def test_the_store_refuses_what_would_break_a_projection(
     assert info.value.reason == reason and info.value.index == 1
     assert needle in info.value.message
     assert await _count(db_url) == before  # nothing of the batch, the good fill neither
+    # ... alone (one event: the one-statement append, checked before it)
+    with pytest.raises(EventRejected) as alone:
+        await checked_store.append([parse_event(record)])
+    assert alone.value.reason == reason and alone.value.index == 0
+    assert await _count(db_url) == before
     # ... and inside a caller's transaction too
     async with checked_store.engine.connect() as sa_conn:
         conn = await driver_connection(sa_conn)

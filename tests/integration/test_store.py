@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import asyncpg
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.db import plain_url
@@ -437,3 +438,89 @@ async def test_pages_reads_ahead_to_the_end_and_closes_clean(store: UncheckedEve
     # a page that ends the log exactly: one more read finds nothing, and it ends
     got = [len(p) async for p, _ in store.pages(expected[1][1], limit=5)]
     assert got == [5]
+
+
+# ------------------------------------------------- one event, one statement
+
+
+def _statements(engine: AsyncEngine) -> list[str]:
+    """Record every statement the engine's connections send from now on."""
+    sent: list[str] = []
+
+    def log_queries(dbapi_conn: object, _record: object) -> None:
+        driver: asyncpg.Connection = dbapi_conn.driver_connection  # type: ignore[attr-defined]
+        driver.add_query_logger(lambda record: sent.append(record.query))
+
+    event.listen(engine.sync_engine, "connect", log_queries)
+    return sent
+
+
+async def test_one_event_is_one_statement_and_the_same_row(
+    engine: AsyncEngine, store: UncheckedEventStore
+) -> None:
+    """A single event goes to the log in one statement (no BEGIN, lock, insert, COMMIT):
+    a new stream and an existing one, between batches; the rows, versions and hash
+    links are those the batch path writes (chain_hash), the head follows."""
+    await engine.dispose()  # new connections, each with the logger
+    sent = _statements(engine)
+    first = await store.append([fill("S-1")])  # a new stream
+    assert len(sent) == 1 and "WITH head AS" in sent[0]
+    await store.append([fill("S-2"), fill("S-3")])
+    sent.clear()
+    fourth = await store.append([fill("S-4")], causation_id=None)  # an existing stream
+    assert len(sent) == 1
+    other = await store.append([fill("S-5", account="ACC-2")])
+    assert (first.appended, fourth.appended, other.appended) == (1, 1, 1)
+    assert fourth.positions[0] > first.positions[0]
+    events = await store.read_stream("ACC-1/CON.F.US.EP.Z26")
+    assert [e.stream_version for e in events] == [1, 2, 3, 4]
+    previous = GENESIS_HASH
+    for e in events:
+        assert e.hash == chain_hash(previous, e.stream_version, e.event_id, e.content_digest)
+        previous = e.hash
+    conn = await asyncpg.connect(plain_url(str(engine.url)))
+    try:
+        head = await conn.fetchrow("SELECT version, last_hash FROM streams WHERE stream = $1",
+                                   "ACC-1/CON.F.US.EP.Z26")  # fmt: skip
+    finally:
+        await conn.close()
+    assert (head["version"], bytes(head["last_hash"])) == (4, previous)
+    # a duplicate alone: the statement fails whole, the batch path reports it
+    sent.clear()
+    again = await store.append([fill("S-4")])
+    assert (again.appended, again.duplicates, again.positions) == (0, 1, fourth.positions)
+    with pytest.raises(IdempotencyConflict):
+        await store.append([fill("S-4", price="5000.50")])
+    assert [e.stream_version for e in await store.read_stream("ACC-1/CON.F.US.EP.Z26")] == [
+        1, 2, 3, 4
+    ]  # fmt: skip
+
+
+async def test_single_and_batch_writers_on_one_stream_keep_one_chain(
+    store: UncheckedEventStore,
+) -> None:
+    """Writers of one event at a time and writers of batches, concurrently on the same
+    stream (and a second one): versions run 1..N without a gap, each link follows the
+    one before it, and the head holds the last."""
+
+    async def singles(w: int) -> None:
+        for i in range(25):
+            await store.append([fill(f"ONE-{w}-{i}", account=f"ACC-{i % 2}")])
+
+    async def batches(w: int) -> None:
+        for b in range(8):
+            await store.append(
+                [fill(f"MANY-{w}-{b}-{i}", account=f"ACC-{i % 2}") for i in range(5)]
+            )
+
+    await asyncio.gather(*(singles(w) for w in range(6)), *(batches(w) for w in range(2)))
+    total = 0
+    for stream in ("ACC-0/CON.F.US.EP.Z26", "ACC-1/CON.F.US.EP.Z26"):
+        events = await store.read_stream(stream)
+        total += len(events)
+        assert [e.stream_version for e in events] == list(range(1, len(events) + 1))
+        previous = GENESIS_HASH
+        for e in events:
+            assert e.hash == chain_hash(previous, e.stream_version, e.event_id, e.content_digest)
+            previous = e.hash
+    assert total == 6 * 25 + 2 * 8 * 5
