@@ -36,6 +36,8 @@ from ledger.values import is_multiple, is_on_tick
 
 __all__ = ["Problem", "contract_of", "find_problems", "wanted_executions"]
 
+_ADJUSTMENTS = (FillBusted, FillCorrected)
+
 Problem = tuple[RejectReason, str]
 """Why an event may not be appended: its reason code and a message naming the field."""
 
@@ -72,6 +74,8 @@ def find_problems(
             corrections name); fills of the batch that pass are added to it.
     """
     defined = dict(instruments)
+    # (a fill's id is only wanted when a later bust or correction of the batch may name it)
+    adjusts = any(type(e) in _ADJUSTMENTS for e in events)
     out: list[Problem | None] = []
     for event in events:
         if event is None:
@@ -80,9 +84,9 @@ def find_problems(
         problem = _problem(event, defined, known)
         out.append(problem)
         if problem is None:
-            if isinstance(event, InstrumentDefined):
+            if type(event) is InstrumentDefined:
                 defined.setdefault(event.contract, event)
-            elif isinstance(event, FillRecorded):
+            elif type(event) is FillRecorded and adjusts:
                 known.add(event.event_id)
     return out
 
@@ -90,8 +94,10 @@ def find_problems(
 def _problem(
     event: Event, instruments: Mapping[str, InstrumentDefined], known: set[str]
 ) -> Problem | None:
+    # exact types, not isinstance: the event models' metaclass is an ABCMeta, whose
+    # isinstance costs a registry walk on every miss (the events have no subclasses)
     contract = contract_of(event)
-    if contract is None or isinstance(event, InstrumentDefined):
+    if contract is None or type(event) is InstrumentDefined:
         return None
     instrument = instruments.get(contract)
     if instrument is None:
@@ -100,7 +106,7 @@ def _problem(
             f"contract: no instrument event defines {contract!r} (define it, then "
             "`ledger rejected --retry`)",
         )
-    if isinstance(event, FillRecorded | FillCorrected):
+    if type(event) is FillRecorded or type(event) is FillCorrected:
         # a mark or settlement price may lie between ticks; an execution may not
         if not is_on_tick(event.price, instrument.tick_size):
             return (
@@ -116,9 +122,9 @@ def _problem(
                 RejectReason.OFF_SIZE_INCREMENT,
                 f"qty: {event.qty} is not a whole number of {contract}'s size increment ({step})",
             )
-    elif isinstance(event, MarkPriceSet) and event.price < 0:
+    elif type(event) is MarkPriceSet and event.price < 0:
         return (RejectReason.INVALID_RECORD, f"price: must not be negative, got {event.price}")
-    if isinstance(event, FillBusted | FillCorrected):
+    if type(event) is FillBusted or type(event) is FillCorrected:
         target = fill_event_id(event.account, event.exec_id)
         if target not in known:
             return (
