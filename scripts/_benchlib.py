@@ -221,6 +221,41 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self._start
 
 
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores; idle and
+    iowait excluded), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class CpuMeter:
+    """``with CpuMeter() as cpu: ...`` then ``cpu.own`` (this process and the children
+    it waited for: the rebuild's worker processes) and ``cpu.rest`` (every other process
+    on the machine over the same time: the PostgreSQL backends serving it, and any other
+    load) in CPU seconds. /proc/stat counts in clock ticks (10 ms), so short spans are
+    coarse."""
+
+    own: float = 0.0
+    rest: float = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._own, self._busy = _own_cpu_s(), _machine_busy_s()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.own = _own_cpu_s() - self._own
+        self.rest = max(0.0, _machine_busy_s() - self._busy - self.own)
+
+
 @dataclass
 class Figure:
     """One measured case; ``baseline`` names the case its second ratio is taken against."""
