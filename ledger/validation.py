@@ -71,7 +71,8 @@ def find_problems(
         events: the batch, in append order.
         instruments: the instruments the log defines, by contract.
         known: the ids of the fills the log holds (at least those the batch's busts and
-            corrections name); fills of the batch that pass are added to it.
+            corrections name); when the batch busts or corrects anything, its fills that
+            pass are added to it.
     """
     defined = dict(instruments)
     # (a fill's id is only wanted when a later bust or correction of the batch may name it)
