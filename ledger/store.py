@@ -500,8 +500,14 @@ class UncheckedEventStore:
                 )
             except asyncpg.UniqueViolationError:
                 return None
-        self._heads_seen.add(e.stream)
+        self._saw_heads((e.stream,))
         return AppendResult((position,), 1, 0, (False,))
+
+    def _saw_heads(self, streams: Iterable[str]) -> None:
+        """Remember that these streams' head rows exist (a bounded hint: see _lock_heads)."""
+        if len(self._heads_seen) > _HEADS_SEEN_MAX:
+            self._heads_seen.clear()
+        self._heads_seen.update(streams)
 
     async def append_on(self, conn: asyncpg.Connection, events: Sequence[Event]) -> AppendResult:
         """Append inside a transaction the caller already holds on ``conn``."""
@@ -537,9 +543,7 @@ class UncheckedEventStore:
                 raise IdempotencyConflict(e.event_id, e.stream, "twice in one batch")
         version = {r[1]: r[2] for r in rows if r[0]}
         last_hash = {r[1]: bytes(r[3]) for r in rows if r[0]}
-        if len(self._heads_seen) > _HEADS_SEEN_MAX:
-            self._heads_seen.clear()
-        self._heads_seen.update(version)
+        self._saw_heads(version)
         for stream, expected in (expected_versions or {}).items():
             actual = version.get(stream, 0)
             if actual != expected:

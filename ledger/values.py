@@ -69,7 +69,7 @@ LEDGER_PRECISION = 120
 _LIMIT = Decimal(10) ** MAX_INTEGER_DIGITS
 # Wide enough to divide any two admitted numbers and see whether the result is exact.
 _EXACT = Context(prec=LEDGER_PRECISION, traps=[InvalidOperation])
-_NONE = Decimal(0)  # (compared with, rather than the int 0: decimal converts an int each time)
+_ZERO = Decimal(0)  # (compared with, rather than the int 0: decimal converts an int each time)
 
 
 def _widen(context: Context) -> None:
@@ -240,12 +240,12 @@ def is_on_tick(price: Decimal, tick_size: Decimal) -> bool:
 
     Computed in the ledger's wide context: at 28 digits, ``1E+28 % 0.25`` raises.
     """
-    return _EXACT.remainder(price, tick_size) == _NONE
+    return _EXACT.remainder(price, tick_size) == _ZERO
 
 
 def is_multiple(quantity: Decimal, increment: Decimal) -> bool:
     """Return whether ``quantity`` is a whole number of ``increment`` (never rounds)."""
-    return _EXACT.remainder(quantity, increment) == _NONE
+    return _EXACT.remainder(quantity, increment) == _ZERO
 
 
 @dataclass(frozen=True, slots=True)
