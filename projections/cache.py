@@ -265,19 +265,7 @@ class StreamCache:
         page = Page(end)
         if self._faulted:
             self._retry_faulted(page, rows)
-        scope = FoldScope(
-            self._cache,
-            self._known,
-            self._journal,
-            self._journal_lost,
-            self.snapshot_every,
-            self._state,
-            self._add_instrument,
-            self._marks,
-            self._utc_days,
-            self._day,
-            self.mark_every,
-        )
+        scope = self._scope()
         journaled = 0
         for lo in range(0, len(rows), _YIELD_EVERY):
             if lo:
@@ -296,6 +284,22 @@ class StreamCache:
             dirty.discard(stream)
             daily.pop(stream, None)
         return page
+
+    def _scope(self) -> FoldScope:
+        """What folding a page reads and updates of this cache (``fold_rows``)."""
+        return FoldScope(
+            self._cache,
+            self._known,
+            self._journal,
+            self._journal_lost,
+            self.snapshot_every,
+            self._state,
+            self._add_instrument,
+            self._marks,
+            self._utc_days,
+            self._day,
+            self.mark_every,
+        )
 
     def _retry_faulted(self, page: Page, rows: list[LightRow]) -> None:
         """Send every faulted stream with a row in ``rows`` (or whose contract an
