@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.db import make_engine
 from ledger.settings import Settings
-from ledger.store import Checkpoint, LightRow, driver_connection
+from ledger.store import Checkpoint, LightRow, driver_connection, light_rows
 from projections import store as sql
 from projections.pipeline import Projector
 
@@ -105,7 +105,7 @@ class PartitionRunner(Projector):
             self.parts,
             self.part,
         )
-        return [LightRow(*r) for r in rows]
+        return light_rows(rows)
 
     async def _checkpoint(self, conn: asyncpg.Connection, generation: int) -> Any:
         return await conn.fetchrow(sql.PARTITION_CHECKPOINT, generation, self.part)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 from decimal import Decimal
 
@@ -438,6 +439,40 @@ async def test_pages_reads_ahead_to_the_end_and_closes_clean(store: UncheckedEve
     # a page that ends the log exactly: one more read finds nothing, and it ends
     got = [len(p) async for p, _ in store.pages(expected[1][1], limit=5)]
     assert got == [5]
+
+
+async def test_read_rows_are_immutable_and_leave_the_collector_as_found(
+    store: UncheckedEventStore,
+) -> None:
+    """A read's events are immutable, carry every column of their row, and the pause of
+    the cyclic collector while a page is decoded ends with the read: an enabled collector
+    is enabled again, one the caller disabled stays disabled."""
+    await store.append([fill("RO-1"), fill("RO-2", price="5000.50")])
+    assert gc.isenabled()
+    page, _ = await store.read_all(limit=10)
+    assert gc.isenabled()
+    first = page[0]
+    with pytest.raises(AttributeError):
+        first.payload = {}  # type: ignore[misc]
+    assert first.payload["exec_id"] == "RO-1" and first.payload["price"] == "5000.25"
+    assert (first.stream, first.stream_version, first.type) == (
+        "ACC-1/CON.F.US.EP.Z26",
+        1,
+        "fill",
+    )
+    assert first.hash == chain_hash(GENESIS_HASH, 1, first.event_id, first.content_digest)
+    assert isinstance(first.recorded_at, type(first.occurred_at))
+    assert first.occurred_at.isoformat() == "2026-11-23T14:30:00.123456+00:00"
+    assert [e.global_position for e in await store.read_stream(first.stream)] == [
+        e.global_position for e in page
+    ]
+    gc.disable()
+    try:
+        again, _ = await store.read_all(limit=10)
+        assert not gc.isenabled()
+        assert [e.event_id for e in again] == [e.event_id for e in page]
+    finally:
+        gc.enable()
 
 
 # ------------------------------------------------- one event, one statement
