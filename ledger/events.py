@@ -90,6 +90,14 @@ LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
 
 def _aware_utc(value: object) -> datetime:
+    if type(value) is str and len(value) <= 40:
+        # the common case first: a valid timestamp in UTC
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is UTC and EARLIEST <= parsed < LATEST:
+            return parsed
     if isinstance(value, str):
         if len(value) > 40:
             raise ValueError(f"timestamp too long: {value[:40]!r}...")
@@ -119,7 +127,12 @@ Timestamp = Annotated[datetime, BeforeValidator(_aware_utc)]
 """A time-zone-aware timestamp, normalized to UTC."""
 
 
+_SIDE_OF = {"BUY": Side.BUY, "SELL": Side.SELL}
+
+
 def _side(value: object) -> Side:
+    if type(value) is str and (side := _SIDE_OF.get(value)) is not None:
+        return side  # (the common case first: calling the enum costs a microsecond)
     if isinstance(value, Side):
         return value
     if isinstance(value, str) and value.upper() in ("BUY", "SELL"):

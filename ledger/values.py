@@ -105,6 +105,45 @@ def to_decimal(value: object) -> Decimal:
         ValueError: the value is a float, a bool, not numeric, non-finite or absurdly
             large; the message names the value.
     """
+    kind = type(value)
+    # the common cases first, with the checks and messages of _checked_general; a plain
+    # decimal string's exponent is read off its text (``as_tuple()`` builds a tuple of
+    # every digit: about half of what a conversion cost)
+    if kind is str:
+        return _from_text(value)  # type: ignore[arg-type]
+    if kind is Decimal:
+        return _checked(value)  # type: ignore[arg-type]
+    return _checked_general(value)
+
+
+def _from_text(value: str) -> Decimal:
+    result, text = _parse_text(value)
+    point = text.find(".")
+    if (
+        "e" in text
+        or "E" in text
+        or "_" in text
+        or not result.is_finite()
+        or (point >= 0 and len(text) - point - 1 > MAX_SCALE)
+        or abs(result) >= _LIMIT
+    ):
+        return _checked(result, value)  # (an exponent to read, or a check that fails)
+    return result
+
+
+def _parse_text(value: str) -> tuple[Decimal, str]:
+    """Return ``Decimal(value)`` and the stripped text it was read from."""
+    text = value.strip()
+    if not text or len(text) > 64:
+        raise ValueError(f"expected a decimal number, got {_short(value)}")
+    try:
+        return Decimal(text), text
+    except InvalidOperation:
+        raise ValueError(f"expected a decimal number, got {_short(value)}") from None
+
+
+def _checked_general(value: object) -> Decimal:
+    """:func:`to_decimal` for any input: the reference its fast paths agree with."""
     if isinstance(value, bool):
         raise ValueError(f"expected a decimal number, got boolean {value!r}")
     if isinstance(value, float):
@@ -116,15 +155,17 @@ def to_decimal(value: object) -> Decimal:
     elif isinstance(value, int):
         result = Decimal(value)
     elif isinstance(value, str):
-        text = value.strip()
-        if not text or len(text) > 64:
-            raise ValueError(f"expected a decimal number, got {_short(value)}")
-        try:
-            result = Decimal(text)
-        except InvalidOperation:
-            raise ValueError(f"expected a decimal number, got {_short(value)}") from None
+        result, _ = _parse_text(value)
     else:
         raise ValueError(f"expected a decimal number, got {type(value).__name__} {_short(value)}")
+    return _checked(result, value)
+
+
+def _checked(result: Decimal, value: object = None) -> Decimal:
+    """Return ``result`` if it is finite and within the bounds; else raise, naming
+    ``value`` (what was given; ``result`` itself when None)."""
+    if value is None:
+        value = result
     if not result.is_finite():
         raise ValueError(f"expected a finite decimal number, got {_short(value)}")
     exponent = result.as_tuple().exponent
@@ -148,18 +189,20 @@ def _short(value: object) -> str:
 
 
 def _positive(value: Decimal) -> Decimal:
-    if value <= 0:
+    if value <= _ZERO:
         raise ValueError(f"must be greater than 0, got {value}")
     return value
 
 
 def _non_negative(value: Decimal) -> Decimal:
-    if value < 0:
+    if value < _ZERO:
         raise ValueError(f"must not be negative, got {value}")
     return value
 
 
 def _token(value: object) -> str:
+    if type(value) is str and ID_PATTERN.fullmatch(value):
+        return value  # (the common case first)
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # brokers send numeric account and trade ids
     if not isinstance(value, str):
