@@ -33,6 +33,7 @@ from pydantic import (
 
 from ledger.errors import InvalidRecord, RejectReason
 from ledger.values import (
+    SIDE_OF_TEXT,
     AccountId,
     ContractId,
     ExecId,
@@ -90,14 +91,6 @@ LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
 
 def _aware_utc(value: object) -> datetime:
-    if type(value) is str and len(value) <= 40:
-        # the common case first: a valid timestamp in UTC
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            parsed = None
-        if parsed is not None and parsed.tzinfo is UTC and EARLIEST <= parsed < LATEST:
-            return parsed
     if isinstance(value, str):
         if len(value) > 40:
             raise ValueError(f"timestamp too long: {value[:40]!r}...")
@@ -109,12 +102,15 @@ def _aware_utc(value: object) -> datetime:
         parsed = value
     else:
         raise ValueError(f"expected an ISO-8601 timestamp string, got {type(value).__name__}")
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
+    if parsed.tzinfo is UTC:
+        utc: datetime | None = parsed  # (what astimezone(UTC) returns for it: itself)
+    elif parsed.tzinfo is None or parsed.utcoffset() is None:
         raise ValueError(f"timestamp {value!s} has no time zone (naive timestamps are refused)")
-    try:
-        utc = parsed.astimezone(UTC)
-    except OverflowError:  # 0001-01-01T00:00+01:00 has no UTC time a datetime holds
-        utc = None
+    else:
+        try:
+            utc = parsed.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00+01:00 has no UTC time a datetime holds
+            utc = None
     if utc is None or not EARLIEST <= utc < LATEST:
         raise ValueError(
             f"timestamp {value!s} is out of range (from {EARLIEST.date()} to before "
@@ -127,16 +123,11 @@ Timestamp = Annotated[datetime, BeforeValidator(_aware_utc)]
 """A time-zone-aware timestamp, normalized to UTC."""
 
 
-_SIDE_OF = {"BUY": Side.BUY, "SELL": Side.SELL}
-
-
 def _side(value: object) -> Side:
-    if type(value) is str and (side := _SIDE_OF.get(value)) is not None:
-        return side  # (the common case first: calling the enum costs a microsecond)
     if isinstance(value, Side):
         return value
-    if isinstance(value, str) and value.upper() in ("BUY", "SELL"):
-        return Side(value.upper())
+    if isinstance(value, str) and (side := SIDE_OF_TEXT.get(value.upper())) is not None:
+        return side
     raise ValueError(f"side must be BUY or SELL, got {value!r}")
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_INTEGER_DIGITS",
     "MAX_POINT_VALUE",
     "MAX_SCALE",
+    "SIDE_OF_TEXT",
     "AccountId",
     "ContractId",
     "ExecId",
@@ -95,6 +96,10 @@ class Side(StrEnum):
         return 1 if self is Side.BUY else -1
 
 
+SIDE_OF_TEXT: dict[str, Side] = {"BUY": Side.BUY, "SELL": Side.SELL}
+"""A side by its text: faster than calling the enum (about a microsecond a call)."""
+
+
 def to_decimal(value: object) -> Decimal:
     """Convert a JSON value to an exact ``Decimal``.
 
@@ -112,17 +117,18 @@ def to_decimal(value: object) -> Decimal:
     if kind is str:
         return _from_text(value)  # type: ignore[arg-type]
     if kind is Decimal:
-        return _checked(value)  # type: ignore[arg-type]
+        return _checked(value, value)  # type: ignore[arg-type]
     return _checked_general(value)
 
 
 def _from_text(value: str) -> Decimal:
     result, text = _parse_text(value)
+    # the digits after the point, as written; at least the exponent's (an underscore
+    # only adds a character), so a text within the bound is a number within it
     point = text.find(".")
     if (
         "e" in text
         or "E" in text
-        or "_" in text
         or not result.is_finite()
         or (point >= 0 and len(text) - point - 1 > MAX_SCALE)
         or abs(result) >= _LIMIT
@@ -161,11 +167,9 @@ def _checked_general(value: object) -> Decimal:
     return _checked(result, value)
 
 
-def _checked(result: Decimal, value: object = None) -> Decimal:
+def _checked(result: Decimal, value: object) -> Decimal:
     """Return ``result`` if it is finite and within the bounds; else raise, naming
-    ``value`` (what was given; ``result`` itself when None)."""
-    if value is None:
-        value = result
+    ``value`` (what was given)."""
     if not result.is_finite():
         raise ValueError(f"expected a finite decimal number, got {_short(value)}")
     exponent = result.as_tuple().exponent
@@ -201,12 +205,11 @@ def _non_negative(value: Decimal) -> Decimal:
 
 
 def _token(value: object) -> str:
-    if type(value) is str and ID_PATTERN.fullmatch(value):
-        return value  # (the common case first)
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)  # brokers send numeric account and trade ids
-    if not isinstance(value, str):
-        raise ValueError(f"expected an identifier string, got {type(value).__name__}")
+    if type(value) is not str:  # (a plain str, the common case, skips both checks)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # brokers send numeric account and trade ids
+        if not isinstance(value, str):
+            raise ValueError(f"expected an identifier string, got {type(value).__name__}")
     if not ID_PATTERN.fullmatch(value):
         raise ValueError(
             f"identifier {_short(value)} must be 1-64 characters of letters, digits, '.', '_', '-'"

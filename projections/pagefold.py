@@ -20,7 +20,7 @@ from typing import Any, Final
 import orjson
 
 from ledger.store import Checkpoint, LightRow
-from ledger.values import Side
+from ledger.values import SIDE_OF_TEXT, Side
 from projections.positions import _ZERO as _FOLD_ZERO  # what the fold realizes on opening
 from projections.positions import FillInput, FoldError, PositionState, _fold_fill
 
@@ -69,7 +69,6 @@ __all__ = [
     "stream_row",
 ]
 
-_SIDES = {"BUY": Side.BUY, "SELL": Side.SELL}
 _SIDE_TEXT = {Side.BUY: "BUY", Side.SELL: "SELL"}  # faster than the enum's .value
 _ZERO = Decimal(0)
 _NO_DAY = date.min
@@ -870,7 +869,7 @@ def _standing(
         fills.append(
             FillInput(
                 exec_id=exec_id,
-                side=_SIDES[row[R_SIDE]],
+                side=SIDE_OF_TEXT[row[R_SIDE]],
                 qty=source[R_QTY],
                 price=source[R_PRICE],
                 fee=source[R_FEE],
