@@ -246,6 +246,8 @@ SELECT global_position FROM inserted
 # Below this many new events a batch goes through _INSERT_AND_MOVE (one round trip);
 # from it on through COPY, which costs three round trips but a fraction per row.
 _COPY_AT_LEAST = 32
+# While PostgreSQL locks the heads, an append encodes its events this many at a time.
+_ENCODE_STEP = 32
 _COPY_COLUMNS = (
     "stream",
     "stream_version",
@@ -573,13 +575,23 @@ class UncheckedEventStore:
         ids = list(dict.fromkeys(ids_of))
         # The heads are locked and the ids looked up while this task encodes the
         # payloads: PostgreSQL's work and ours overlap (the lock task owns ``conn``
-        # until it is awaited; nothing else here touches it).
+        # until it is awaited; nothing else here touches it). A step at a time, yielding
+        # between steps: the lock takes up to three queries (heads first seen are
+        # created first), each sent once the reply before it is read; encoding the whole
+        # batch in one go held the second back until it was done, so that the lock
+        # itself no longer overlapped anything.
         locking = asyncio.ensure_future(self._lock_heads(conn, names, ids, expected_versions))
+        encoded: list[_Encoded] = []
         try:
-            await asyncio.sleep(0)  # let the lock query go out
-            encoded = [_encode(e, i) for e, i in zip(events, ids_of, strict=True)]
+            for start in range(0, len(events), _ENCODE_STEP):
+                await asyncio.sleep(0)  # let the lock's queries and replies through
+                end = start + _ENCODE_STEP
+                encoded += map(_encode, events[start:end], ids_of[start:end])
+                if locking.done():
+                    break
         finally:
             rows = await locking
+        encoded += map(_encode, events[len(encoded) :], ids_of[len(encoded) :])
         # One id, one outcome: within a batch the second copy is a duplicate of the first.
         first: dict[str, int] = {}
         for i, e in enumerate(encoded):
