@@ -65,7 +65,13 @@ from ledger.sources import (
     SourceRef,
     parse_message,
 )
-from ledger.store import BUMP_COUNTERS_SQL, LAST_ERROR_SQL, EventStore, driver_connection
+from ledger.store import (
+    BUMP_COUNTERS_SQL,
+    LAST_ERROR_SQL,
+    EventStore,
+    driver_connection,
+    fewer_collections,
+)
 
 __all__ = [
     "DEFAULT_DURABLE",
@@ -286,7 +292,8 @@ class Consumer:
             fetcher = asyncio.create_task(self._fetch_loop(sub, queue, stop), name="fetcher")
             writer = asyncio.create_task(self._write_loop(queue), name="writer")
             try:
-                await asyncio.gather(fetcher, writer)
+                with fewer_collections(freeze=True):
+                    await asyncio.gather(fetcher, writer)
             finally:
                 for task in (fetcher, writer):
                     task.cancel()

@@ -376,6 +376,36 @@ def collector_paused() -> Iterator[None]:
         gc.enable()
 
 
+@contextlib.contextmanager
+def fewer_collections(*, freeze: bool = False) -> Iterator[None]:
+    """Run the cyclic garbage collector less often while a long-running loop allocates.
+
+    The projection runner's drain and the live consumer allocate and free millions of
+    small objects (rows, parsed records, effects, history lines) that never form
+    cycles; at the default thresholds they set off a collection every 700 allocations,
+    and every tenth of those rescans the middle generation (about 16% of a rebuild's
+    time, 17% of the consumer's). The thresholds are restored afterwards.
+
+    With ``freeze`` what the process holds on entry (its modules, pools and caches,
+    built at start-up and kept for good) is moved out of the collector's sight
+    (``gc.freeze``) and given back to it on exit, unless something was frozen before:
+    the full collections that still come no longer walk it. ``ledger consume``: 9,211-10,038 -> 10,958-11,023 events/s end
+    to end (``bench_consume --no-project``, alternating runs, with the thresholds alone
+    in between).
+    """
+    before = gc.get_threshold()
+    thaw = freeze and gc.get_freeze_count() == 0  # (a caller's own freeze stands)
+    gc.set_threshold(100_000, 50, 1000)
+    if freeze:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if thaw:
+            gc.unfreeze()
+        gc.set_threshold(*before)
+
+
 def light_rows(rows: list[asyncpg.Record]) -> list[LightRow]:
     """Return rows of ``READ_LIGHT_SQL``'s columns as LightRows."""
     return [_new_tuple(LightRow, r) for r in rows]

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -29,29 +28,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.db import is_transient
 from ledger.settings import Settings
-from ledger.store import Checkpoint, EventStore, LightRow, driver_connection, ensure_log_statistics
+from ledger.store import (
+    Checkpoint,
+    EventStore,
+    LightRow,
+    driver_connection,
+    ensure_log_statistics,
+    fewer_collections,
+)
 from projections.writer import Conflict, Flush, PageWriter, Retired
 
 __all__ = ["Connections", "Projector", "positive_env"]
 
 _DEFAULT_BATCH = 5000
 _REBUILD_FLUSH_EVENTS = 200_000
-
-
-@contextlib.contextmanager
-def _fewer_collections() -> Iterator[None]:
-    """Run the cyclic garbage collector less often while a long drain allocates.
-
-    A drain allocates and frees millions of small objects (rows, effects, history
-    lines) that never form cycles; the default thresholds rescan the state cache over
-    and over (about 16% of a rebuild's time). Restored afterwards.
-    """
-    before = gc.get_threshold()
-    gc.set_threshold(100_000, 50, 1000)
-    try:
-        yield
-    finally:
-        gc.set_threshold(*before)
 
 
 def positive_env(name: str, default: int) -> int:
@@ -147,7 +137,7 @@ class Projector(PageWriter):
             if self._cache_key != (generation, start.tx_id, start.position):
                 self._forget_cache()  # another runner moved it on: the cache may be stale
             try:
-                with _fewer_collections():
+                with fewer_collections():
                     total += await self._pipeline(conns, generation, start, progress, flush_events)
                 return total
             except Conflict:
