@@ -102,6 +102,8 @@ FIRST_BACKOFF: Final = 0.1
 # waits (it returns as soon as one message arrives).
 _BATCH_LINGER: Final = 0.005
 _IDLE_WAIT: Final = 1.0
+# The fetcher yields to the writer every this many parsed messages (see _fetch_loop).
+_PARSE_STEP: Final = 32
 
 _BUMP: Final = BUMP_COUNTERS_SQL  # one statement, owned by ledger.store
 _LAST_ERROR: Final = LAST_ERROR_SQL
@@ -438,7 +440,11 @@ class Consumer:
             backoff.reset()
             if msgs:
                 self._last_activity = time.monotonic()
-                for msg in msgs:
+                for i, msg in enumerate(msgs):
+                    if i % _PARSE_STEP == _PARSE_STEP - 1:
+                        # parsing a whole fetch (~30 ms a thousand) in one go held back
+                        # the writer's database replies, on which the feed's pace hangs
+                        await asyncio.sleep(0)
                     seq = _stream_sequence(msg)
                     if seq is not None:
                         if seq in self._inflight:

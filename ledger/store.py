@@ -389,9 +389,9 @@ def fewer_collections(*, freeze: bool = False) -> Iterator[None]:
     With ``freeze`` what the process holds on entry (its modules, pools and caches,
     built at start-up and kept for good) is moved out of the collector's sight
     (``gc.freeze``) and given back to it on exit, unless something was frozen before:
-    the full collections that still come no longer walk it. ``ledger consume``: 9,211-10,038 -> 10,958-11,023 events/s end
-    to end (``bench_consume --no-project``, alternating runs, with the thresholds alone
-    in between).
+    the full collections that still come no longer walk it. ``ledger consume``:
+    9,211-10,038 -> 10,958-11,023 events/s end to end (``bench_consume --no-project``,
+    alternating runs, with the thresholds alone in between).
     """
     before = gc.get_threshold()
     thaw = freeze and gc.get_freeze_count() == 0  # (a caller's own freeze stands)
