@@ -23,7 +23,6 @@ from sqlalchemy import (
     Uuid,
     func,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 
 __all__ = [
     "faults",
@@ -98,7 +97,7 @@ positions = Table(
     Column("last_fill_at", DateTime(timezone=True)),
     Column("fill_count", Integer, nullable=False),
     Column("last_position", BigInteger, nullable=False),
-    Column("state", JSONB, nullable=False),
+    Column("state", Text, nullable=False),  # the runner's JSON (migration 0008)
     Index(None, "generation", "account", "contract"),
 )
 
@@ -150,7 +149,7 @@ snapshots = Table(
     Column("key_position", BigInteger, primary_key=True),
     Column("key_occurred_at", DateTime(timezone=True), nullable=False),
     Column("known_recorded_at", DateTime(timezone=True), nullable=False),
-    Column("state", JSONB, nullable=False),
+    Column("state", Text, nullable=False),  # the runner's JSON (migration 0008)
     Index(None, "generation", "stream", "key_occurred_at"),
     Index(None, "generation", "stream", "known_recorded_at"),
 )

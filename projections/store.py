@@ -158,7 +158,7 @@ FORGET_GENERATION = "DELETE FROM projection_checkpoint WHERE generation = $1"
 # columns: an unqualified ``tx_id`` would mean the *output* column ``tx_id::text::bigint``,
 # which no index has, and every page would sort the whole log.
 LOAD_STATES = """
-SELECT stream, state::text FROM proj_positions WHERE generation = $1 AND stream = ANY($2::text[])
+SELECT stream, state FROM proj_positions WHERE generation = $1 AND stream = ANY($2::text[])
 """
 STREAM_FILLS_UPTO = """
 SELECT global_position, payload::text FROM events
@@ -182,7 +182,7 @@ INSERT INTO proj_positions (generation, stream, account, contract, signed_qty,
     closed_at, last_fill_at, fill_count, last_position, state)
 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::numeric[], $6::numeric[],
     $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[], $11::timestamptz[],
-    $12::timestamptz[], $13::timestamptz[], $14::int[], $15::bigint[], $16::jsonb[])
+    $12::timestamptz[], $13::timestamptz[], $14::int[], $15::bigint[], $16::text[])
 ON CONFLICT (generation, stream) DO UPDATE SET
     signed_qty = excluded.signed_qty, avg_open_price_fifo = excluded.avg_open_price_fifo,
     avg_open_price_wac = excluded.avg_open_price_wac, realized_fifo = excluded.realized_fifo,
@@ -219,7 +219,7 @@ INSERT_SNAPSHOTS = """
 INSERT INTO proj_snapshots (generation, stream, known_position, key_position, key_occurred_at,
     known_recorded_at, state)
 SELECT $1, * FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[],
-    $6::timestamptz[], $7::jsonb[])
+    $6::timestamptz[], $7::text[])
 ON CONFLICT DO NOTHING
 """
 OLD_DETAIL_GROUPS = """
@@ -284,7 +284,7 @@ async def stream_faults(
 
 
 _PROJECTED = """
-SELECT stream, state::text FROM proj_positions WHERE generation = $1 ORDER BY stream
+SELECT stream, state FROM proj_positions WHERE generation = $1 ORDER BY stream
 """
 _HAS_CHECKPOINTS = "SELECT to_regclass('projection_checkpoint') IS NOT NULL"
 _SERVING_CHECKPOINT = """
@@ -326,20 +326,20 @@ async def lock_checkpoint(conn: asyncpg.Connection, generation: int) -> asyncpg.
 # The time-travel reads of projections.queries: positions, snapshots, P&L, history.
 
 _POSITIONS = """
-SELECT stream, account, contract, state::text FROM proj_positions
+SELECT stream, account, contract, state FROM proj_positions
 WHERE generation = $1 AND ($2::text IS NULL OR account = $2) AND ($3::text IS NULL OR contract = $3)
 ORDER BY account, contract
 """
 # ($4, $5): only a snapshot whose last fill sorts before this key (a fill it must not
 # hold, because a later row changes or precedes it); far future for any.
 _SNAPSHOT_AS_OF = """
-SELECT known_position, key_occurred_at, state::text FROM proj_snapshots
+SELECT known_position, key_occurred_at, state FROM proj_snapshots
 WHERE generation = $1 AND stream = $2 AND key_occurred_at <= $3
   AND (key_occurred_at, key_position) < ($4, $5)
 ORDER BY key_occurred_at DESC, known_position DESC LIMIT 1
 """
 _SNAPSHOT_AS_KNOWN_AT = """
-SELECT known_position, key_occurred_at, state::text FROM proj_snapshots
+SELECT known_position, key_occurred_at, state FROM proj_snapshots
 WHERE generation = $1 AND stream = $2 AND known_recorded_at <= $3
   AND (key_occurred_at, key_position) < ($4, $5)
 ORDER BY known_position DESC, key_position DESC LIMIT 1

@@ -296,7 +296,7 @@ def test_verify_names_a_projected_position_that_differs_from_a_replay(
     assert (code, report["problems"]) == (0, [])
     superuser(
         db_url,
-        "UPDATE proj_positions SET state = jsonb_set(state, '{signed_qty}', '\"7\"') "
+        "UPDATE proj_positions SET state = jsonb_set(state::jsonb, '{signed_qty}', '\"7\"')::text "
         f"WHERE stream = 'ACC-2/{ES}'",
     )
     code, report = verify()

@@ -314,7 +314,7 @@ async def test_off_tick_fill_faults_one_stream_and_a_correction_heals_it(
     assert sorted(got) == sorted(expected)
     for stream, state in expected.items():
         assert got[stream]["realized_fifo"] == str(state.realized_fifo), stream
-        assert got[stream]["state"]["lots"] == state.to_json()["lots"], stream
+        assert json.loads(got[stream]["state"])["lots"] == state.to_json()["lots"], stream
     for command in ("positions", "trail", "explain", "history"):
         cli_after = ledger_cli(cli_env, command, "--account", "A1", "--contract", "C.ES")
         assert cli_after.returncode == 0, (command, cli_after.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -117,3 +118,39 @@ def test_0006_keys_old_dead_letters_and_folds_their_copies(empty_db_url: str) ->
             raise AssertionError("a second dead letter with the same key was accepted")
     _alembic(empty_db_url, "downgrade", "0005")
     _alembic(empty_db_url, "upgrade", "head")
+
+
+def test_0008_keeps_the_folded_states_as_lz4_compressed_text(empty_db_url: str) -> None:
+    """States written as jsonb before 0008 read back as the same JSON after it, from a
+    text column compressed with lz4 (Debian's server has it); and back down again."""
+    _alembic(empty_db_url, "upgrade", "0007")
+    lots = [{"exec_id": f"E-{i}", "qty": "1", "price": "5000.25"} for i in range(200)]
+    state = json.dumps({"signed_qty": "200", "lots": lots})
+    with psycopg.connect(empty_db_url) as conn:
+        conn.execute(
+            "INSERT INTO proj_positions (generation, stream, account, contract, signed_qty, "
+            "realized_fifo, realized_wac, fees, fill_count, last_position, state) "
+            "VALUES (1, 'A/C', 'A', 'C', 200, 0, 0, 0, 200, 200, %s::jsonb)",
+            (state,),
+        )
+    _alembic(empty_db_url, "upgrade", "head")
+    with psycopg.connect(empty_db_url) as conn:
+        kinds = dict(
+            conn.execute(
+                "SELECT attrelid::regclass::text, format_type(atttypid, atttypmod) "
+                "FROM pg_attribute WHERE attname = 'state' "
+                "AND attrelid IN ('proj_positions'::regclass, 'proj_snapshots'::regclass)"
+            ).fetchall()
+        )
+        compression = conn.execute(
+            "SELECT attcompression FROM pg_attribute "
+            "WHERE attrelid = 'proj_positions'::regclass AND attname = 'state'"
+        ).fetchone()
+        (text,) = conn.execute("SELECT state FROM proj_positions").fetchone() or ("",)
+    assert kinds == {"proj_positions": "text", "proj_snapshots": "text"}
+    assert compression == ("l",)
+    assert json.loads(text) == json.loads(state)
+    _alembic(empty_db_url, "downgrade", "0007")
+    with psycopg.connect(empty_db_url) as conn:
+        (back,) = conn.execute("SELECT state FROM proj_positions").fetchone() or (None,)
+    assert back == json.loads(state)  # jsonb again (psycopg hands it back parsed)
