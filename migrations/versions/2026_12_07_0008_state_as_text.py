@@ -1,4 +1,4 @@
-"""Folded states stored as text, compressed with lz4: a position's write costs a quarter.
+"""Folded states stored as text, compressed with lz4: a position's write costs a third.
 
 ``proj_positions.state`` and ``proj_snapshots.state`` hold a stream's folded state (its
 open lots, basis, totals) as the runner's JSON, read back only whole, as text, to load a
