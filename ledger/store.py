@@ -377,7 +377,7 @@ def collector_paused() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def fewer_collections(*, freeze: bool = False) -> Iterator[None]:
+def fewer_collections(*, freeze: bool = False) -> Iterator[Callable[[], None]]:
     """Run the cyclic garbage collector less often while a long-running loop allocates.
 
     The projection runner's drain and the live consumer allocate and free millions of
@@ -392,6 +392,15 @@ def fewer_collections(*, freeze: bool = False) -> Iterator[None]:
     the full collections that still come no longer walk it. ``ledger consume``:
     9,211-10,038 -> 10,958-11,023 events/s end to end (``bench_consume --no-project``,
     alternating runs, with the thresholds alone in between).
+
+    Yields ``settle``: called between units of work (a page), it moves what is alive
+    then out of the collector's sight as well, so that the young collections that
+    follow walk only what the next unit allocates, not the states, journal and caches
+    that earlier ones left behind. Objects moved are still freed when their last
+    reference goes; a cycle among them waits for the exit, where they are given back.
+    A 250k-event rebuild spent 0.63 s in the collector without, 0.12 s with it
+    (``gc.callbacks``). Settling needs the frozen generation to itself: it does
+    nothing without ``freeze`` or under a caller's own freeze.
     """
     before = gc.get_threshold()
     thaw = freeze and gc.get_freeze_count() == 0  # (a caller's own freeze stands)
@@ -399,11 +408,15 @@ def fewer_collections(*, freeze: bool = False) -> Iterator[None]:
     if freeze:
         gc.freeze()
     try:
-        yield
+        yield gc.freeze if thaw else _no_settle
     finally:
         if thaw:
             gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def _no_settle() -> None:
+    """``fewer_collections``' settle where it may not freeze."""
 
 
 def light_rows(rows: list[asyncpg.Record]) -> list[LightRow]:

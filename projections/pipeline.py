@@ -137,8 +137,10 @@ class Projector(PageWriter):
             if self._cache_key != (generation, start.tx_id, start.position):
                 self._forget_cache()  # another runner moved it on: the cache may be stale
             try:
-                with fewer_collections():
-                    total += await self._pipeline(conns, generation, start, progress, flush_events)
+                with fewer_collections(freeze=True) as settle:
+                    total += await self._pipeline(
+                        conns, generation, start, progress, flush_events, settle
+                    )
                 return total
             except Conflict:
                 self._forget_cache()
@@ -157,8 +159,12 @@ class Projector(PageWriter):
         start: Checkpoint,
         progress: Callable[[int], None] | None,
         flush_events: int,
+        settle: Callable[[], None],
     ) -> int:
-        """Read, fold and write pages until the log is drained, three connections at once."""
+        """Read, fold and write pages until the log is drained, three connections at once.
+
+        ``settle`` is called after each page's fold (see ``fewer_collections``).
+        """
         writer = conns.writer
         flush = Flush(start)
         total = 0
@@ -193,6 +199,7 @@ class Projector(PageWriter):
                 if len(rows) >= self.batch_size:
                     nxt = asyncio.ensure_future(self._read(conns.reader, end))
                 page = await self._fold(conns.aux, generation, rows, end, flush.daily, flush.dirty)
+                settle()  # what the fold keeps is out of the young collections' way
                 if write is not None:
                     total += await write
                     write = None

@@ -43,3 +43,30 @@ def test_the_collector_is_restored_when_the_body_raises() -> None:
         raise RuntimeError("body")
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+def test_settle_moves_what_is_alive_out_of_sight_and_exit_gives_it_back() -> None:
+    assert gc.get_freeze_count() == 0
+    with fewer_collections(freeze=True) as settle:
+        at_entry = gc.get_freeze_count()
+        page = [[i] for i in range(1_000)]  # tracked by the collector: lists
+        settle()
+        assert gc.get_freeze_count() >= at_entry + len(page)
+        assert gc.get_count()[0] == 0  # the young generation starts empty again
+    assert gc.get_freeze_count() == 0
+
+
+def test_settle_does_nothing_without_the_frozen_generation_to_itself() -> None:
+    with fewer_collections() as settle:
+        settle()
+        assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        with fewer_collections(freeze=True) as settle:
+            frozen = gc.get_freeze_count()
+            page = [[i] for i in range(1_000)]
+            settle()
+            assert gc.get_freeze_count() == frozen
+            del page
+    finally:
+        gc.unfreeze()
