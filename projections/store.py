@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from ledger.pgarray import text_array, value_array
 from ledger.store import Checkpoint, log_lag
 from projections.faults import StreamFault
 
@@ -180,9 +181,11 @@ UPSERT_POSITIONS = """
 INSERT INTO proj_positions (generation, stream, account, contract, signed_qty,
     avg_open_price_fifo, avg_open_price_wac, realized_fifo, realized_wac, fees, opened_at,
     closed_at, last_fill_at, fill_count, last_position, state)
-SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::numeric[], $6::numeric[],
-    $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[], $11::timestamptz[],
-    $12::timestamptz[], $13::timestamptz[], $14::int[], $15::bigint[], $16::text[])
+SELECT $1, * FROM unnest($2::text::text[], $3::text::text[], $4::text::text[],
+    $5::text::numeric[], $6::text::numeric[], $7::text::numeric[], $8::text::numeric[],
+    $9::text::numeric[], $10::text::numeric[], $11::text::timestamptz[],
+    $12::text::timestamptz[], $13::text::timestamptz[], $14::text::int[], $15::text::bigint[],
+    $16::text[])
 ON CONFLICT (generation, stream) DO UPDATE SET
     signed_qty = excluded.signed_qty, avg_open_price_fifo = excluded.avg_open_price_fifo,
     avg_open_price_wac = excluded.avg_open_price_wac, realized_fifo = excluded.realized_fifo,
@@ -194,8 +197,9 @@ ON CONFLICT (generation, stream) DO UPDATE SET
 ADD_PNL_DAILY = """
 INSERT INTO proj_pnl_daily (generation, stream, day, account, contract, realized_fifo,
     realized_wac, fees, fills)
-SELECT $1, * FROM unnest($2::text[], $3::date[], $4::text[], $5::text[], $6::numeric[],
-    $7::numeric[], $8::numeric[], $9::int[])
+SELECT $1, * FROM unnest($2::text::text[], $3::text::date[], $4::text::text[],
+    $5::text::text[], $6::text::numeric[], $7::text::numeric[], $8::text::numeric[],
+    $9::text::int[])
 ON CONFLICT (generation, stream, day) DO UPDATE SET
     realized_fifo = proj_pnl_daily.realized_fifo + excluded.realized_fifo,
     realized_wac = proj_pnl_daily.realized_wac + excluded.realized_wac,
@@ -207,19 +211,20 @@ ON CONFLICT (generation, stream, day) DO UPDATE SET
 # of that day from that fill on in event order; daily P&L from the day on.
 FORGET_HISTORY = """
 DELETE FROM proj_history t
-USING unnest($2::text[], $3::date[], $4::timestamptz[], $5::bigint[]) AS f(stream, day, at, pos)
+USING unnest($2::text::text[], $3::text::date[], $4::text::timestamptz[], $5::text::bigint[])
+    AS f(stream, day, at, pos)
 WHERE t.generation = $1 AND t.stream = f.stream AND t.day >= f.day
   AND (f.at IS NULL OR t.day > f.day OR (t.occurred_at, t.position) >= (f.at, f.pos))
 """
 FORGET_DAILY = """
-DELETE FROM proj_pnl_daily t USING unnest($2::text[], $3::date[]) AS f(stream, day)
+DELETE FROM proj_pnl_daily t USING unnest($2::text::text[], $3::text::date[]) AS f(stream, day)
 WHERE t.generation = $1 AND t.stream = f.stream AND t.day >= f.day
 """
 INSERT_SNAPSHOTS = """
 INSERT INTO proj_snapshots (generation, stream, known_position, key_position, key_occurred_at,
     known_recorded_at, state)
-SELECT $1, * FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::timestamptz[],
-    $6::timestamptz[], $7::text[])
+SELECT $1, * FROM unnest($2::text::text[], $3::text::bigint[], $4::text::bigint[],
+    $5::text::timestamptz[], $6::text::timestamptz[], $7::text[])
 ON CONFLICT DO NOTHING
 """
 OLD_DETAIL_GROUPS = """
@@ -459,11 +464,17 @@ class PositionRow(NamedTuple):
     state: str
 
 
-def position_columns(rows: Sequence[PositionRow]) -> list[list[Any]]:
-    """Transpose position rows into the column arrays of :data:`UPSERT_POSITIONS`."""
+def position_columns(rows: Sequence[PositionRow]) -> list[Any]:
+    """Transpose position rows into the parameters of :data:`UPSERT_POSITIONS`: each
+    column as an array literal (``ledger.pgarray``), the states as a list."""
     if not rows:
-        return [[] for _ in PositionRow._fields]
-    return [list(col) for col in zip(*rows, strict=True)]
+        return [text_array(()) for _ in PositionRow._fields[:-1]] + [[]]
+    columns = list(zip(*rows, strict=True))
+    return [
+        *(text_array(column) for column in columns[:3]),
+        *(value_array(column) for column in columns[3:-1]),
+        list(columns[-1]),
+    ]
 
 
 def history_record(

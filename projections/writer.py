@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from ledger.pgarray import text_array, value_array
 from ledger.store import Checkpoint
 from projections import store as sql
 from projections.cache import StreamCache
@@ -86,15 +87,15 @@ class PageWriter(StreamCache):
         if page.faults or page.healed:
             await self._write_faults(conn, generation, page)
         if page.forget:
-            streams = list(page.forget)
-            days = [f[0] for f in page.forget.values()]
+            streams = text_array(list(page.forget))
+            days = value_array([f[0] for f in page.forget.values()])
             await conn.execute(
                 sql.FORGET_HISTORY,
                 generation,
                 streams,
                 days,
-                [f[1] for f in page.forget.values()],
-                [f[2] for f in page.forget.values()],
+                value_array([f[1] for f in page.forget.values()]),
+                value_array([f[2] for f in page.forget.values()]),
             )
             await conn.execute(sql.FORGET_DAILY, generation, streams, days)
         if page.history:
@@ -109,11 +110,11 @@ class PageWriter(StreamCache):
             await conn.execute(
                 sql.INSERT_SNAPSHOTS,
                 generation,
-                [s[0] for s in snaps],
-                [s[1] for s in snaps],
-                [s[2] for s in snaps],
-                [s[3] for s in snaps],
-                [s[4] for s in snaps],
+                text_array([s[0] for s in snaps]),
+                value_array([s[1] for s in snaps]),
+                value_array([s[2] for s in snaps]),
+                value_array([s[3] for s in snaps]),
+                value_array([s[4] for s in snaps]),
                 [s[5] for s in snaps],
             )
 
@@ -192,14 +193,14 @@ class PageWriter(StreamCache):
                 await conn.execute(
                     sql.ADD_PNL_DAILY,
                     generation,
-                    [k[0] for k in keys],
-                    [k[1] for k in keys],
-                    [v[0] for v in values],
-                    [v[1] for v in values],
-                    [v[2] for v in values],
-                    [v[3] for v in values],
-                    [v[4] for v in values],
-                    [v[5] for v in values],
+                    text_array([k[0] for k in keys]),
+                    value_array([k[1] for k in keys]),
+                    text_array([v[0] for v in values]),
+                    text_array([v[1] for v in values]),
+                    value_array([v[2] for v in values]),
+                    value_array([v[3] for v in values]),
+                    value_array([v[4] for v in values]),
+                    value_array([v[5] for v in values]),
                 )
         await self._advance(conn, generation, end, flush.events)
 
