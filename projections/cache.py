@@ -43,10 +43,12 @@ from projections.pagefold import (
     Restated,
     StreamRow,
     collect,
+    first_positions,
     fold_rows,
     restate_stream,
     stream_row,
     trim_journal,
+    uncached_streams,
 )
 from projections.pnl import trading_day
 from projections.positions import (
@@ -211,7 +213,7 @@ class StreamCache:
         self, conn: asyncpg.Connection, generation: int, rows: list[LightRow]
     ) -> None:
         cache = self._cache
-        wanted = list({r.stream for r in rows if r.type in _STREAM_TYPES and r.stream not in cache})
+        wanted = uncached_streams(rows, cache)
         if not wanted:
             return
         loaded = await conn.fetch(sql.LOAD_STATES, generation, wanted)
@@ -329,10 +331,7 @@ class StreamCache:
         journal = self._journal
         lost = self._journal_lost
         marks_of = self._marks
-        first_new: dict[str, int] = {}
-        for row in rows:  # in log order: the first row of each stream in this page
-            if row.stream in page.restate and row.stream not in first_new:
-                first_new[row.stream] = row.global_position
+        first_new = first_positions(rows, page.restate)  # the first row of each in this page
         floor = self._compaction_cutoff()
         faulted = self._faulted or set()
         for stream in streams:

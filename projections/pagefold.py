@@ -11,7 +11,7 @@ results are the same, digit for digit (``tests/unit/test_compiled.py``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -62,11 +62,13 @@ __all__ = [
     "StreamRow",
     "collect",
     "copy_text",
+    "first_positions",
     "fold_rows",
     "replay_rows",
     "restate_stream",
     "standing_fills",
     "stream_row",
+    "uncached_streams",
 ]
 
 _SIDE_TEXT = {Side.BUY: "BUY", Side.SELL: "SELL"}  # faster than the enum's .value
@@ -628,6 +630,30 @@ def copy_text(value: str) -> str:
     if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
         return value.translate(_COPY_ESCAPES)
     return value
+
+
+def uncached_streams(rows: list[LightRow], cache: Mapping[str, object]) -> list[str]:
+    """Return the streams with a fill, bust or correction in ``rows`` that ``cache``
+    does not hold, each once, in the order they first come (what a page must load)."""
+    wanted: dict[str, None] = {}
+    for row in rows:
+        kind = row.type
+        if kind == "fill" or kind == "bust" or kind == "correction":
+            stream = row.stream
+            if stream not in cache and stream not in wanted:
+                wanted[stream] = None
+    return list(wanted)
+
+
+def first_positions(rows: list[LightRow], streams: Mapping[str, object]) -> dict[str, int]:
+    """Return, for each of ``streams`` with a row in ``rows``, the log position of its
+    first row there (``rows`` in log order)."""
+    first: dict[str, int] = {}
+    for row in rows:
+        stream = row.stream
+        if stream in streams and stream not in first:
+            first[stream] = row.global_position
+    return first
 
 
 @dataclass(slots=True)

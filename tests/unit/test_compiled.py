@@ -560,3 +560,24 @@ def test_the_stream_row_indexes_name_the_fields_a_row_is_parsed_into() -> None:
             }
             assert {i: row[i] for i in named} == named
             assert sorted(named) == list(range(pf.STREAM_ROW_FIELDS))
+
+
+def test_a_pages_uncached_streams_and_first_positions_compiled_and_source() -> None:
+    def row(position: int, stream: str, kind: str) -> LightRow:
+        return LightRow(position, 7, stream, kind, "{}", T0)
+
+    rows = [
+        row(1, "instrument/ES", "instrument"),
+        row(2, "B/ES", "fill"),
+        row(3, "A/ES", "fill"),
+        row(4, "B/ES", "bust"),
+        row(5, "C/ZN", "broker_position"),
+        row(6, "D/ZN", "correction"),
+        row(7, "A/ES", "fill"),
+    ]
+    for pf in (pagefold, SOURCE_PAGEFOLD):
+        cached = OrderedDict([("A/ES", object())])
+        assert pf.uncached_streams(rows, cached) == ["B/ES", "D/ZN"]
+        assert pf.uncached_streams([], cached) == []
+        restate = {"A/ES": 9, "D/ZN": 9, "E/ES": 9}
+        assert pf.first_positions(rows, restate) == {"A/ES": 3, "D/ZN": 6}
