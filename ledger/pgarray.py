@@ -38,7 +38,9 @@ def text_array(values: Sequence[str | None]) -> str:
 def value_array(values: Sequence[object]) -> str:
     """Return numbers, dates or datetimes as a PostgreSQL array literal of their ``str``
     texts, each quoted, None as NULL. Pass it as ``$n::text::numeric[]`` (or ``int[]``,
-    ``date[]``, ``timestamptz[]``...). Their texts hold no quote or backslash."""
-    if None not in values:
-        return '{"' + '","'.join(map(str, values)) + '"}' if values else "{}"
-    return "{" + ",".join("NULL" if v is None else f'"{v}"' for v in values) + "}"
+    ``date[]``, ``timestamptz[]``...). Their texts hold no quote or backslash, and none
+    is ``None``: a None is written as ``"None"`` and then replaced, so that no element
+    is compared with None (``Decimal == None`` asks the numbers ABCs, as asyncpg did)."""
+    if not values:
+        return "{}"
+    return ('{"' + '","'.join(map(str, values)) + '"}').replace('"None"', "NULL")
