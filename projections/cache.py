@@ -40,11 +40,13 @@ from projections.pagefold import (
     FoldScope,
     Marks,
     Page,
+    PositionColumns,
     Restated,
     StreamRow,
     collect,
     first_positions,
     fold_rows,
+    position_columns,
     restate_stream,
     stream_row,
     trim_journal,
@@ -482,28 +484,6 @@ class StreamCache:
                 )
             )
 
-    def _position_rows(self, streams: set[str]) -> list[sql.PositionRow]:
-        rows = []
-        cache = self._cache
-        for stream in sorted(streams):
-            s = cache[stream]
-            rows.append(
-                sql.PositionRow(
-                    stream,
-                    s.account,
-                    s.contract,
-                    s.signed_qty,
-                    s.avg_open_price("fifo"),
-                    s.avg_open_price("wac"),
-                    s.realized_fifo,
-                    s.realized_wac,
-                    s.fees,
-                    s.opened_at,
-                    s.closed_at,
-                    s.last_fill_at,
-                    s.fill_count,
-                    s.last_key[1] if s.last_key else 0,
-                    s.json_text(),
-                )
-            )
-        return rows
+    def _position_rows(self, streams: set[str]) -> PositionColumns:
+        """The proj_positions columns of ``streams``, from their cached states."""
+        return position_columns(sorted(streams), self._cache)

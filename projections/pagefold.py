@@ -57,6 +57,7 @@ __all__ = [
     "Mark",
     "Marks",
     "Page",
+    "PositionColumns",
     "Restated",
     "Seed",
     "StreamRow",
@@ -64,6 +65,7 @@ __all__ = [
     "copy_text",
     "first_positions",
     "fold_rows",
+    "position_columns",
     "replay_rows",
     "restate_stream",
     "standing_fills",
@@ -654,6 +656,70 @@ def first_positions(rows: list[LightRow], streams: Mapping[str, object]) -> dict
         if stream in streams and stream not in first:
             first[stream] = row.global_position
     return first
+
+
+PositionColumns = tuple[
+    list[str],
+    list[str],
+    list[str],
+    list[Decimal],
+    list[Decimal | None],
+    list[Decimal | None],
+    list[Decimal],
+    list[Decimal],
+    list[Decimal],
+    list[datetime | None],
+    list[datetime | None],
+    list[datetime | None],
+    list[int],
+    list[int],
+    list[str],
+]
+"""proj_positions' columns, one list each, in the upsert's order: stream, account,
+contract, signed qty, average open price (FIFO, WAC), realized (FIFO, WAC), fees,
+opened, closed, last fill, fills, last log position, the state's JSON."""
+
+
+def position_columns(streams: list[str], cache: Mapping[str, PositionState]) -> PositionColumns:
+    """Return the proj_positions columns of ``streams`` (in that order) from their
+    cached states: a page's positions, taken before the next page folds into them."""
+    columns: PositionColumns = ([], [], [], [], [], [], [], [], [], [], [], [], [], [], [])
+    (
+        stream_of,
+        account,
+        contract,
+        signed_qty,
+        avg_fifo,
+        avg_wac,
+        realized_fifo,
+        realized_wac,
+        fees,
+        opened_at,
+        closed_at,
+        last_fill_at,
+        fill_count,
+        last_position,
+        state_text,
+    ) = columns
+    for stream in streams:
+        s = cache[stream]
+        stream_of.append(stream)
+        account.append(s.account)
+        contract.append(s.contract)
+        signed_qty.append(s.signed_qty)
+        avg_fifo.append(s.avg_open_price("fifo"))
+        avg_wac.append(s.avg_open_price("wac"))
+        realized_fifo.append(s.realized_fifo)
+        realized_wac.append(s.realized_wac)
+        fees.append(s.fees)
+        opened_at.append(s.opened_at)
+        closed_at.append(s.closed_at)
+        last_fill_at.append(s.last_fill_at)
+        fill_count.append(s.fill_count)
+        last_key = s.last_key
+        last_position.append(last_key[1] if last_key is not None else 0)
+        state_text.append(s.json_text())
+    return columns
 
 
 @dataclass(slots=True)

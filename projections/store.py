@@ -6,21 +6,20 @@ reads or writes, so a rebuild never touches the serving generation's rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 
 import asyncpg
 
 from ledger.pgarray import text_array, value_array
 from ledger.store import Checkpoint, log_lag
 from projections.faults import StreamFault
+from projections.pagefold import PositionColumns
 
 __all__ = [
     "HISTORY_COLUMNS",
     "SERVING",
-    "PositionRow",
     "ensure_serving",
     "history_records",
     "lock_checkpoint",
@@ -444,36 +443,14 @@ async def history_records(
     return rows
 
 
-class PositionRow(NamedTuple):
-    """One proj_positions row as :data:`UPSERT_POSITIONS` takes it (in its column order)."""
-
-    stream: str
-    account: str
-    contract: str
-    signed_qty: Decimal
-    avg_open_price_fifo: Decimal | None
-    avg_open_price_wac: Decimal | None
-    realized_fifo: Decimal
-    realized_wac: Decimal
-    fees: Decimal
-    opened_at: datetime | None
-    closed_at: datetime | None
-    last_fill_at: datetime | None
-    fill_count: int
-    last_position: int
-    state: str
-
-
-def position_columns(rows: Sequence[PositionRow]) -> list[Any]:
-    """Transpose position rows into the parameters of :data:`UPSERT_POSITIONS`: each
-    column as an array literal (``ledger.pgarray``), the states as a list."""
-    if not rows:
-        return [text_array(()) for _ in PositionRow._fields[:-1]] + [[]]
-    columns = list(zip(*rows, strict=True))
+def position_params(columns: PositionColumns) -> list[Any]:
+    """Return position columns as the parameters of :data:`UPSERT_POSITIONS` (after the
+    generation): each column as an array literal (``ledger.pgarray``), the states as a
+    list."""
     return [
         *(text_array(column) for column in columns[:3]),
         *(value_array(column) for column in columns[3:-1]),
-        list(columns[-1]),
+        columns[-1],
     ]
 
 

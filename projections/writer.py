@@ -24,7 +24,7 @@ from ledger.store import Checkpoint
 from projections import store as sql
 from projections.cache import StreamCache
 from projections.history import HistoryRow, compact
-from projections.pagefold import Page
+from projections.pagefold import Page, PositionColumns
 
 __all__ = ["Conflict", "Flush", "PageWriter", "Retired"]
 
@@ -149,7 +149,7 @@ class PageWriter(StreamCache):
         generation: int,
         page: Page,
         flush: Flush,
-        positions: list[sql.PositionRow],
+        positions: PositionColumns,
         progress: Callable[[int], None] | None,
     ) -> int:
         await self._write(conn, generation, page)
@@ -160,7 +160,7 @@ class PageWriter(StreamCache):
         conn: asyncpg.Connection,
         generation: int,
         flush: Flush,
-        positions: list[sql.PositionRow],
+        positions: PositionColumns,
         progress: Callable[[int], None] | None,
     ) -> int:
         """Write the flush's positions, daily P&L and checkpoint, and commit."""
@@ -177,11 +177,11 @@ class PageWriter(StreamCache):
         conn: asyncpg.Connection,
         generation: int,
         flush: Flush,
-        positions: list[sql.PositionRow],
+        positions: PositionColumns,
         end: Checkpoint,
     ) -> None:
-        if positions:
-            await conn.execute(sql.UPSERT_POSITIONS, generation, *sql.position_columns(positions))
+        if positions[0]:
+            await conn.execute(sql.UPSERT_POSITIONS, generation, *sql.position_params(positions))
         if flush.daily:
             keys: list[tuple[str, date]] = []
             values: list[list[Any]] = []

@@ -581,3 +581,31 @@ def test_a_pages_uncached_streams_and_first_positions_compiled_and_source() -> N
         assert pf.uncached_streams([], cached) == []
         restate = {"A/ES": 9, "D/ZN": 9, "E/ES": 9}
         assert pf.first_positions(rows, restate) == {"A/ES": 3, "D/ZN": 6}
+
+
+def test_position_columns_are_the_states_fields_compiled_and_source() -> None:
+    for pos, pf in ((positions, pagefold), (SOURCE_POSITIONS, SOURCE_PAGEFOLD)):
+        flat = pos.new_state("A", "ES", Decimal(50), Decimal("0.25"))
+        held = pos.new_state("B", "ES", Decimal(50), Decimal("0.25"))
+        for i, (buying, qty, price) in enumerate(
+            [(True, "2", "4900.25"), (True, "1", "4901.00"), (False, "1", "4902.50")]
+        ):
+            pf._fold_fill(
+                held, f"X{i}", buying, Decimal(qty), Decimal(price), Decimal("0.10"),
+                T0 + timedelta(seconds=i), 10 + i,
+            )
+        cache = OrderedDict([("B/ES", held), ("A/ES", flat)])
+        columns = pf.position_columns(["A/ES", "B/ES"], cache)
+        assert [list(c) for c in zip(*columns, strict=True)] == [
+            [
+                "A/ES", "A", "ES", flat.signed_qty, None, None, flat.realized_fifo,
+                flat.realized_wac, flat.fees, None, None, None, 0, 0, flat.json_text(),
+            ],
+            [
+                "B/ES", "B", "ES", Decimal(2), held.avg_open_price("fifo"),
+                held.avg_open_price("wac"), held.realized_fifo, held.realized_wac,
+                held.fees, T0, None, T0 + timedelta(seconds=2), 3, 12, held.json_text(),
+            ],
+        ]
+        assert str(held.realized_fifo) == "112.50"  # 1 x (4902.50 - 4900.25) x 50
+        assert pf.position_columns([], cache) == ([],) * 15
