@@ -484,6 +484,6 @@ class StreamCache:
                 )
             )
 
-    def _position_rows(self, streams: set[str]) -> PositionColumns:
+    def _position_columns(self, streams: set[str]) -> PositionColumns:
         """The proj_positions columns of ``streams``, from their cached states."""
         return position_columns(sorted(streams), self._cache)

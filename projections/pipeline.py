@@ -209,7 +209,7 @@ class Projector(PageWriter):
                 if flush.tx is None:
                     flush.tx = await self._begin(writer, generation, flush.start)
                 if flush.events >= flush_events:
-                    positions = self._position_rows(flush.dirty)
+                    positions = self._position_columns(flush.dirty)
                     write = asyncio.ensure_future(
                         self._write_and_commit(writer, generation, page, flush, positions, progress)
                     )
@@ -221,7 +221,7 @@ class Projector(PageWriter):
                 write = None
             if flush.tx is not None:
                 total += await self._commit(
-                    writer, generation, flush, self._position_rows(flush.dirty), progress
+                    writer, generation, flush, self._position_columns(flush.dirty), progress
                 )
             return total
         finally:

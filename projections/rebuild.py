@@ -260,7 +260,9 @@ class Rebuilder(Projector):
                 page = await self._fold(conns.aux, generation, rows, end, flush.daily, flush.dirty)
                 flush.events = len(rows)
                 await self._write(conn, generation, page)
-            await self._write_flush(conn, generation, flush, self._position_rows(flush.dirty), end)
+            await self._write_flush(
+                conn, generation, flush, self._position_columns(flush.dirty), end
+            )
             # compacted before it serves: no reader sees a window of raw detail
             await self.compact_history(conn, generation)
             await conn.execute(sql.RETIRE_SERVING, generation)

@@ -180,7 +180,7 @@ class PageWriter(StreamCache):
         positions: PositionColumns,
         end: Checkpoint,
     ) -> None:
-        if positions[0]:
+        if positions[0]:  # (the streams: any at all)
             await conn.execute(sql.UPSERT_POSITIONS, generation, *sql.position_params(positions))
         if flush.daily:
             keys: list[tuple[str, date]] = []
