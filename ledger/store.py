@@ -212,7 +212,7 @@ WITH inserted AS (
 ), moved AS (
     UPDATE streams SET version = x.v, last_hash = x.h
     FROM unnest($12::text[], $13::int[], $14::bytea[]) AS x(s, v, h)
-    WHERE streams.stream = x.s
+    WHERE streams.stream = x.s AND streams.stream = ANY($12::text[])
 )
 SELECT event_id, global_position FROM inserted
 """
@@ -265,7 +265,7 @@ _MOVE_HEADS_AND_READ_BACK = """
 WITH moved AS (
     UPDATE streams SET version = x.v, last_hash = x.h
     FROM unnest($1::text[], $2::int[], $3::bytea[]) AS x(s, v, h)
-    WHERE streams.stream = x.s
+    WHERE streams.stream = x.s AND streams.stream = ANY($1::text[])
 )
 SELECT global_position FROM events WHERE tx_id = pg_current_xact_id()
 ORDER BY tx_id DESC, global_position DESC LIMIT $4
