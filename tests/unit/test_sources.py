@@ -243,6 +243,40 @@ def test_parse_message_handles_a_nats_body_with_action_envelopes() -> None:
     assert [e.exec_id for e in _events(results)] == ["8604", "8605"]  # type: ignore[attr-defined]
 
 
+_NATIVE_FILL = (
+    '{"type":"fill","account":"A-1","contract":"CON.F.US.EP.Z26","exec_id":"E-1",'
+    '"side":"BUY","qty":"2","price":"5000.25","fee":"1.40","occurred_at":"2026-11-23T14:30:00Z"}'
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _NATIVE_FILL,  # the live feed's every message
+        _NATIVE_FILL.replace('"2"', '"-2"'),  # a bad field: rejected, naming it
+        _NATIVE_FILL.replace('"fill"', '"trade"'),  # an unknown type
+        _NATIVE_FILL.replace('"2"', "2.50"),  # a JSON number
+        _NATIVE_FILL.replace('"2"', "NaN"),  # decoded leniently: the general path
+        _NATIVE_FILL.replace('"fee"', '"action"'),  # "action" but no envelope
+        f'{{"action":1,"data":{_NATIVE_FILL}}}',  # an envelope
+        f'{{"trades":[{_trade_json()}],"success":true}}',  # a ProjectX wrapper
+        _trade_json(),  # a ProjectX trade on its own
+        '{"positions":5}',
+        "{}",
+        "[]",
+        "5",
+    ],
+)
+def test_a_single_payload_parses_as_the_general_unwrapping_does(body: str) -> None:
+    """parse_message takes a message of one unwrapped payload straight to its events;
+    the results are the ones the general path (``_results``) gives, whatever the body."""
+    data, ref = body.encode(), SourceRef("nats:t", 3)
+    for fmt in ("auto", "native", "projectx"):
+        value, lenient = sources._decode(data)
+        general = list(sources._results(value, lenient, data, ref, fmt))
+        assert parse_message(data, ref, fmt) == general, (body, fmt)
+
+
 def test_empty_wrapper_yields_nothing() -> None:
     assert parse_message(b'{"trades":[],"success":true}', SourceRef("-")) == []
 
