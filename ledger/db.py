@@ -15,13 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode
 
 import asyncpg
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
@@ -30,6 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from ledger.embedded import EmbeddedPostgres
 from ledger.errors import DatabaseUnavailable, InvalidDatabaseURL, NotMigrated
 from ledger.settings import Settings
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 __all__ = [
     "DatabaseURL",
@@ -201,6 +201,10 @@ def make_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
 
 def alembic_config(url: str) -> Config:
     """Return an Alembic config pointed at the project's migrations and ``url``."""
+    # (Alembic is imported where it is used: a rebuild worker, which never migrates,
+    # starts ~0.07 s sooner without it)
+    from alembic.config import Config
+
     if not (_MIGRATIONS / "env.py").is_file():
         raise NotMigrated(f"migrations not found at {_MIGRATIONS} (install from a source checkout)")
     cfg = Config()
@@ -211,6 +215,8 @@ def alembic_config(url: str) -> Config:
 
 def head_revision() -> str:
     """Return the newest revision in ``migrations/``."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config("postgresql://unused")).get_current_head()
     assert head is not None
     return head
@@ -218,11 +224,15 @@ def head_revision() -> str:
 
 async def migrate(url: str, revision: str = "head") -> None:
     """Upgrade the database at ``url`` to ``revision`` (idempotent)."""
+    from alembic import command
+
     await asyncio.to_thread(command.upgrade, alembic_config(url), revision)
 
 
 async def downgrade(url: str, revision: str = "base") -> None:
     """Downgrade the database at ``url`` to ``revision``."""
+    from alembic import command
+
     await asyncio.to_thread(command.downgrade, alembic_config(url), revision)
 
 
