@@ -74,6 +74,7 @@ from ledger.store import (
 )
 
 __all__ = [
+    "DEFAULT_BATCH",
     "DEFAULT_DURABLE",
     "DEFAULT_SERVERS",
     "DEFAULT_STREAM",
@@ -92,6 +93,12 @@ DEFAULT_SERVERS: Final = "nats://127.0.0.1:4222"
 DEFAULT_STREAM: Final = "LEDGER_IN"
 DEFAULT_SUBJECT: Final = "ledger.in.>"
 DEFAULT_DURABLE: Final = "ledger"
+# Each write transaction pays for its BEGIN and COMMIT, for locking and moving each of
+# its streams' heads once, and the projections for one page (its streams' positions):
+# a backlog drains faster in bigger batches (bench_consume, fresh log, end to end:
+# 19,331-19,625 events/s at 1,000, 19,848-21,544 at 4,000). A quiet feed writes what it
+# has, so its lag is the same.
+DEFAULT_BATCH: Final = 4000
 MAX_BACKOFF: Final = 5.0
 """Seconds: the cap of the exponential backoff between retries."""
 FIRST_BACKOFF: Final = 0.1
@@ -132,7 +139,7 @@ class ConsumeOptions:
     stream: str = DEFAULT_STREAM
     subject: str = DEFAULT_SUBJECT
     durable: str = DEFAULT_DURABLE
-    batch: int = 1000
+    batch: int = DEFAULT_BATCH
     queue_size: int = 10_000
     ack_wait: float = 30.0
     idle_exit: float | None = None

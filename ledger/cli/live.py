@@ -43,6 +43,7 @@ from ledger.cli.common import (
     write_csv,
 )
 from ledger.consume import (
+    DEFAULT_BATCH,
     DEFAULT_DURABLE,
     DEFAULT_SERVERS,
     DEFAULT_STREAM,
@@ -244,7 +245,7 @@ def consume(
     durable: Annotated[str, typer.Option(help="Durable consumer name.")] = DEFAULT_DURABLE,
     batch: Annotated[
         int, typer.Option(min=1, max=50_000, help="Messages per fetch and per transaction.")
-    ] = 1000,
+    ] = DEFAULT_BATCH,
     queue_size: Annotated[
         int, typer.Option(min=1, help="Messages held in memory between fetch and write.")
     ] = 10_000,
