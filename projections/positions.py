@@ -114,7 +114,11 @@ class FillInput:
 
 @dataclass(slots=True)
 class Lot:
-    """An open FIFO lot; ``qty`` is signed (+ long, - short)."""
+    """An open FIFO lot; ``qty`` is signed (+ long, - short).
+
+    Never changed once made (copies of a state share their lots): a fill that closes
+    part of it replaces it with a smaller one.
+    """
 
     exec_id: str
     qty: Decimal
@@ -190,14 +194,19 @@ class PositionState:
         return self.realized(method) - self.fees
 
     def copy(self) -> PositionState:
-        """Return an independent copy (the fold mutates lots in place)."""
+        """Return an independent copy.
+
+        The copy has a list of lots of its own but shares the lots themselves: nothing
+        changes a lot once made (a partial close replaces the lot it closes from), so a
+        restatement mark costs a list, not a lot per open lot.
+        """
         return PositionState(
             account=self.account,
             contract=self.contract,
             point_value=self.point_value,
             tick_size=self.tick_size,
             signed_qty=self.signed_qty,
-            lots=[Lot(lot.exec_id, lot.qty, lot.price, lot.opened_at) for lot in self.lots],
+            lots=list(self.lots),
             wac_basis=self.wac_basis,
             realized_fifo=self.realized_fifo,
             realized_wac=self.realized_wac,
@@ -522,8 +531,8 @@ def _fold_fill(
             remaining -= take
             if take == lot_abs:
                 consumed += 1
-            else:
-                lot.qty = lot_qty - signed_take
+            else:  # a new lot, not a change to this one: copies of the state share lots
+                lots[consumed] = Lot(lot.exec_id, lot_qty - signed_take, lot_price, lot.opened_at)
             if remaining == _ZERO:
                 break
         if consumed:

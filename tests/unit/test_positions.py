@@ -419,3 +419,25 @@ def test_folds_import_no_io() -> None:
         }
         bad = sorted(m for m in imported if m.startswith(forbidden))
         assert bad == [], f"{name} imports {bad}"
+
+
+def test_a_copy_is_unchanged_by_folding_the_original() -> None:
+    """A copy (what a restatement mark keeps) shares the original's lots, and nothing the
+    fold does to the original reaches it: a partial close replaces its lot, a full close
+    drops it, an opening appends, a flip does both."""
+    state = es()
+    for f in (fill("A", "BUY", 3, "5000.00", 1, 1), fill("B", "BUY", 2, "5001.00", 2, 2)):
+        apply_fill(state, f)
+    mark = state.copy()
+    kept = json.dumps(mark.to_json())
+    assert [id(lot) for lot in mark.lots] == [id(lot) for lot in state.lots]
+    for f in (
+        fill("C", "SELL", 1, "5002.00", 3, 3),  # partial close of A
+        fill("D", "SELL", 3, "5003.00", 4, 4),  # closes the rest of A, part of B
+        fill("E", "SELL", 4, "5004.00", 5, 5),  # closes B, flips short
+        fill("F", "BUY", 1, "5003.00", 6, 6),  # partial close of the short lot
+    ):
+        apply_fill(state, f)
+        assert json.dumps(mark.to_json()) == kept
+    assert [(lot.exec_id, lot.qty) for lot in mark.lots] == [("A", D(3)), ("B", D(2))]
+    assert [(lot.exec_id, lot.qty) for lot in state.lots] == [("E", D(-2))]
