@@ -577,14 +577,7 @@ def parse_message(data: bytes, ref: SourceRef, fmt: InputFormat = "auto") -> lis
         value, lenient = _decode(data)
     except InvalidRecord as exc:
         return [Rejected(ref, data, exc.reason, exc.message, fmt)]
-    if (
-        not lenient
-        and type(value) is dict
-        and "action" not in value
-        and "trades" not in value
-        and "positions" not in value
-        and "contracts" not in value
-    ):
+    if not lenient and type(value) is dict and _UNWRAPPING_KEYS.isdisjoint(value):
         # one payload, no wrapper (a live feed's every message): what _results makes of
         # it, without unwrapping through its generators (a third of parsing a fill)
         try:
@@ -666,6 +659,9 @@ class _Problem:
 
 
 _WRAPPER_KEYS: Final = ("trades", "positions", "contracts")
+# A payload with none of these keys is no envelope or wrapper: parse_message takes it
+# straight to its events.
+_UNWRAPPING_KEYS: Final = frozenset({"action", *_WRAPPER_KEYS})
 _RESPONSE_KEYS: Final = frozenset({"success", "errorCode", "errorMessage"})
 
 
